@@ -1,0 +1,216 @@
+"""Transformer building blocks shared by the GPT, seq2seq and BERT models.
+
+Everything here is plain single-device code built from ``nn.Linear``/``nn.LayerNorm`` so
+that parallelism can be applied from outside: tensor parallel shards the named linears
+(``q_proj``/``k_proj``/``v_proj``/``fc1`` column-wise, ``out_proj``/``fc2`` row-wise),
+activation checkpointing wraps a ``Block`` (full) or an ``AttentionCore`` (selective),
+and FSDP shards one ``Block`` at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from paratrain.config import ModelConfig
+
+
+class AttentionCore(nn.Module):
+    """softmax(Q K^T / sqrt(d_head)) V over (B, H, T, d_head) tensors, via SDPA.
+
+    A parameter-free module of its own so that selective activation checkpointing can
+    wrap (and recompute) just the attention scores.
+    """
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        p = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self- or cross-attention with separate q/k/v/out projections.
+
+    ``forward(x, kv=None, key_padding_mask=None)``: ``x`` is (B, T, d_model); ``kv`` is the
+    sequence attended to (B, S, d_model), defaulting to ``x``; ``key_padding_mask`` is a
+    bool (B, S) tensor with True at padding keys, which are masked out (combined with the
+    causal mask when ``causal``).
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float, causal: bool, cross: bool = False) -> None:
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"n_head = {n_head} does not divide d_model = {d_model}")
+        self.n_head = n_head
+        self.head_dim = d_model // n_head
+        self.causal = causal
+        self.cross = cross
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.core = AttentionCore(dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        # (B, T, F) -> (B, F // head_dim, T, head_dim). Under tensor parallel F is the local
+        # shard of d_model, so the head count comes from the shape, never from self.n_head.
+        b, n, f = t.shape
+        return t.view(b, n, f // self.head_dim, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, kv: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+        src = x if kv is None else kv
+        q = self._heads(self.q_proj(x))
+        k = self._heads(self.k_proj(src))
+        v = self._heads(self.v_proj(src))
+        mask, is_causal = None, self.causal
+        if key_padding_mask is not None:
+            # SDPA's bool mask means "may attend"; it cannot be combined with is_causal.
+            mask = ~key_padding_mask[:, None, None, :]
+            if self.causal:
+                t, s = q.shape[-2], k.shape[-2]
+                mask = mask & torch.ones(t, s, dtype=torch.bool, device=q.device).tril()
+                is_causal = False
+        y = self.core(q, k, v, mask, is_causal)
+        b, h, t, d = y.shape
+        y = y.transpose(1, 2).reshape(b, t, h * d)
+        return self.drop(self.out_proj(y))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: ``fc1`` (d_model -> d_ff), GELU, ``fc2`` (d_ff -> d_model), dropout."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer layer: ``x + attn(ln1(x))``, then ``x + ffn(ln2(x))``."""
+
+    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float, causal: bool) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model, n_head, dropout, causal=causal)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ff, dropout)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), key_padding_mask=key_padding_mask)
+        return x + self.ffn(self.ln2(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LayerNorm decoder layer: causal self-attention, cross-attention to the encoder
+    output (``memory``), then the feed-forward network, each with its own LayerNorm."""
+
+    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, n_head, dropout, causal=True)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.cross_attn = MultiHeadAttention(d_model, n_head, dropout, causal=False, cross=True)
+        self.ln3 = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ff, dropout)
+
+    def forward(self, x: Tensor, memory: Tensor, memory_pad_mask: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.ln1(x))
+        x = x + self.cross_attn(self.ln2(x), kv=memory, key_padding_mask=memory_pad_mask)
+        return x + self.ffn(self.ln3(x))
+
+
+def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
+    """The fixed encoding of "Attention Is All You Need", shape (max_len, d_model):
+    ``PE[p, 2i] = sin(p / 10000^(2i/d))`` and ``PE[p, 2i+1] = cos(p / 10000^(2i/d))``."""
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    angles = pos * inv_freq
+    pe = torch.zeros(max_len, d_model)
+    pe[:, 0::2] = torch.sin(angles)
+    pe[:, 1::2] = torch.cos(angles[:, : d_model // 2])
+    return pe
+
+
+def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
+    """GPT-2 initialization: N(0, std) for Linear/Embedding weights, zero biases, unit
+    LayerNorms, and N(0, std / sqrt(2 * n_layer)) for the residual projections
+    (``out_proj`` and ``fc2``). A tied weight is initialized once, by its first owner."""
+    scaled = std / math.sqrt(2 * n_layer)
+    seen: set[int] = set()
+
+    def fresh(p: Tensor | None) -> bool:
+        if p is None or id(p) in seen:
+            return False
+        seen.add(id(p))
+        return True
+
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                if fresh(m.weight):
+                    nn.init.normal_(m.weight, 0.0, scaled if name.endswith(("out_proj", "fc2")) else std)
+                if fresh(m.bias):
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                if fresh(m.weight):
+                    nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, nn.LayerNorm):
+                if fresh(m.weight):
+                    nn.init.ones_(m.weight)
+                if fresh(m.bias):
+                    nn.init.zeros_(m.bias)
+
+
+# ---- accounting -------------------------------------------------------------------------------
+
+
+def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Number of unique parameters (a tied weight counts once). With ``exclude_embeddings``,
+    the weights of every ``nn.Embedding`` (token and position tables, and a head tied to
+    them) are left out."""
+    skip: set[int] = set()
+    if exclude_embeddings:
+        skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int, arch: str | None = None) -> float:
+    """Training FLOPs per token (forward + backward, no recomputation), PaLM-style:
+
+        flops = 6 * N_matmul + 12 * d_model * seq_len * n_attn
+
+    ``N_matmul`` counts the weights that take part in matrix multiplies (no biases,
+    LayerNorms or embedding lookups): per self-attention layer ``4 d^2 + 2 d d_ff``, per
+    decoder layer with cross-attention ``8 d^2 + 2 d d_ff``, plus the LM head ``V d`` (and
+    BERT's MLM transform ``d^2``). ``n_attn`` is the number of attention score/value
+    products a token takes part in: ``n_layer`` for GPT/BERT; for seq2seq (source and
+    target length both ``seq_len``, counted per target token) ``n_enc + 2 * n_dec``, the
+    decoder paying for self- and cross-attention. The causal mask is not discounted.
+    The forward pass alone is a third of this.
+    """
+    arch = arch or model_cfg.arch
+    d, ff, v = model_cfg.d_model, model_cfg.d_ff, vocab_size
+    self_layer = 4 * d * d + 2 * d * ff
+    if arch in ("gpt", "bert"):
+        n_matmul = model_cfg.n_layer * self_layer + v * d + (d * d if arch == "bert" else 0)
+        n_attn = model_cfg.n_layer
+    elif arch == "seq2seq":
+        n_enc, n_dec = model_cfg.n_layer, model_cfg.n_dec_layer or model_cfg.n_layer
+        n_matmul = n_enc * self_layer + n_dec * (self_layer + 4 * d * d) + v * d
+        n_attn = n_enc + 2 * n_dec
+    else:
+        raise ValueError(f"unknown arch {arch!r} (gpt | seq2seq | bert)")
+    return float(6 * n_matmul + 12 * d * seq_len * n_attn)

@@ -1,0 +1,149 @@
+"""How a worker's gradients become an update: the interface every parallel strategy fills.
+
+The trainer is written once against :class:`Strategy`: it asks the strategy to wrap the
+model, to skip gradient sync on accumulation micro-steps, and to turn local gradients
+into an optimizer step.  Data parallel, ZeRO, tensor/pipeline parallel and the parameter
+server are strategies; the training loop does not know which one it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from paratrain.config import Config
+from paratrain.parallel.dims import ParallelDims
+
+
+class Strategy:
+    """Single-process training; the base class of every parallel strategy."""
+
+    name = "single"
+    sharded_optimizer = False  # True: each rank checkpoints its own optimizer state
+
+    def __init__(self, cfg: Config, dims: ParallelDims):
+        self.cfg = cfg
+        self.dims = dims
+        self.comm_bytes = 0  # bytes this worker sent since the last take_comm_bytes()
+
+    # ---- setup ----------------------------------------------------------------------
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Apply the parallel layout to a single-device model; return what to call forward on."""
+        return model
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The local optimizer over this rank's parameters."""
+        return make_optimizer(model, self.cfg)
+
+    # ---- per step -----------------------------------------------------------------------
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Context for accumulation micro-steps whose gradients must not be synced yet."""
+        return contextlib.nullcontext()
+
+    def forward_backward(
+        self,
+        model: nn.Module,
+        micro_batches: list[dict[str, torch.Tensor]],
+        loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+        scale: float,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ) -> torch.Tensor:
+        """Forward + backward over the step's micro-batches; returns the summed (unscaled) loss.
+
+        ``loss_fn`` returns a loss *sum*; gradients are of ``sum * scale`` where the trainer
+        chose ``scale`` so that the data-parallel mean is the mean over the global batch.
+        Gradient sync happens only on the last micro-batch.
+        """
+        total = torch.zeros((), dtype=torch.float64)
+        last = len(micro_batches) - 1
+        for i, batch in enumerate(micro_batches):
+            with self.no_sync(model) if i < last else contextlib.nullcontext():
+                with autocast():
+                    loss = loss_fn(model, batch)
+                (loss * scale).backward()
+            total += loss.detach().double().cpu()
+        return total
+
+    @torch.no_grad()
+    def eval_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Logits for one val batch (None on ranks that produce no logits, e.g. early pipeline stages)."""
+        return model(**{k: v for k, v in batch.items() if k != "labels"})
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        """Clip the global gradient norm (all shards together); return the norm before clipping."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        if max_norm <= 0:
+            return 0.0
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """Gradients are final on every rank: clip, step, zero.  Returns the grad norm."""
+        norm = self.clip_grad_norm(model, self.cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def observe_loss(self, loss_sum: torch.Tensor, n_global: float) -> None:
+        """Once per step: this rank's loss sum and the global label count (compression safeguard)."""
+
+    def take_comm_bytes(self) -> int:
+        n, self.comm_bytes = self.comm_bytes, 0
+        return n
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def model_state(self, model: nn.Module) -> dict[str, Any]:
+        """Full (unsharded) model state dict; identical on every rank that returns it."""
+        return unwrap(model).state_dict()
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        unwrap(model).load_state_dict(state)
+
+    def save_extra(self, tmp_dir: Path) -> None:
+        """Write strategy-owned state (sharded files, server state) into a checkpoint being made."""
+
+    def load_extra(self, ckpt_dir: Path) -> None:
+        """Load what ``save_extra`` wrote."""
+
+    # ---- metrics ----------------------------------------------------------------------------
+    def reduce_eval_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """Sum eval statistics over the ranks that hold distinct data."""
+        return self.dims.all_reduce_sum(stats) if self.dims.distributed else stats
+
+    def step_metrics(self) -> dict[str, Any]:
+        """Extra per-step fields for metrics.jsonl (e.g. staleness, pull latency)."""
+        return {}
+
+    def extra_rss_mb(self) -> list[float]:
+        """Peak RSS of helper processes (e.g. parameter servers), appended after the workers'."""
+        return []
+
+    def extra_summary(self) -> dict[str, Any]:
+        """Strategy-specific fields for summary.json."""
+        return {}
+
+    def close(self) -> None:
+        """Release sockets, servers, hooks."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under DDP / compile wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW (decay on matrices only, as GPT-2 does) or SGD with momentum."""
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, foreach=False)

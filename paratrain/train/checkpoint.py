@@ -1,0 +1,126 @@
+"""Atomic, checksummed checkpoints: ``<run>/checkpoints/step_N/``.
+
+Layout of one checkpoint directory::
+
+    model.pt          full model state dict (rank 0)
+    optim.pt          optimizer + LR schedule state (rank 0, or one file per rank: optim_rank{r}.pt)
+    rank{r}.pt        per-rank state: RNG states
+    meta.json         step, data position, strategy, world size
+    manifest.json     sha256 and size of every file above (written last)
+
+Ranks write into ``step_N.tmp``; rank 0 then writes the manifest and renames the directory,
+so a checkpoint either exists whole or not at all.  Loading verifies every checksum first
+and always uses ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paratrain.config import ConfigError
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, truncated or corrupt (a user-facing error, exit code 2)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tmp_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step}.tmp"
+
+
+def begin(root: Path, step: int) -> Path:
+    """Rank 0: create a fresh temp dir for checkpoint ``step`` (call before the barrier)."""
+    tmp = tmp_dir(root, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_file(tmp: Path, name: str, obj: Any) -> None:
+    """Write one object into the temp checkpoint dir (any rank)."""
+    if name.endswith(".json"):
+        (tmp / name).write_text(json.dumps(obj, indent=1))
+    else:
+        torch.save(obj, tmp / name)
+
+
+def commit(root: Path, step: int, keep: int) -> Path:
+    """Rank 0, after every rank wrote its files: manifest, fsync, rename, prune old ones."""
+    tmp = tmp_dir(root, step)
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            files[str(p.relative_to(tmp))] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+    final = root / f"step_{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep > 0:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint dirs under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest(root: Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Check every file against the manifest; return the manifest or raise CheckpointError."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no manifest.json (incomplete or not a checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint {path}: manifest.json is corrupt") from None
+    for name, info in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}; resume from an older checkpoint")
+        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} is corrupt or truncated (checksum mismatch); "
+                "delete it to resume from an older one"
+            )
+    return manifest
+
+
+def load_file(path: Path, name: str) -> Any:
+    """Load one verified file (tensors only: weights_only=True)."""
+    f = path / name
+    if name.endswith(".json"):
+        return json.loads(f.read_text())
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated pickles, wrong format
+        raise CheckpointError(f"checkpoint {path}: cannot load {name}: {e}") from None

@@ -1,0 +1,297 @@
+"""The training loop, written once for every parallel strategy.
+
+One call of :func:`run_worker` is one rank's whole life: set up the layout, the data and
+the model, resume if asked, train with periodic eval and checkpoints, and (rank 0) write
+metrics.jsonl and summary.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paratrain.config import Config
+from paratrain.data import build_data, val_batches
+from paratrain.models import build_model, count_params
+from paratrain.parallel import ParallelDims, Strategy, build_strategy
+from paratrain.train import checkpoint as ckpt
+from paratrain.train.loss import count_labels, eval_stats, lm_loss_sum
+from paratrain.train.metrics import MetricsLog, Progress, device_peak_flops, peak_rss_mb
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak at ``train.steps``."""
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        span = max(1, t.steps - t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / span)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def set_threads(cfg: Config, dims: ParallelDims) -> None:
+    """One intra-op thread per worker by default when workers share the machine's cores."""
+    n = cfg.train.threads or max(1, (os.cpu_count() or 1) // max(1, dims.local_world_size))
+    torch.set_num_threads(n)
+
+
+class Trainer:
+    """Owns one rank's model, optimizer, data and strategy for the length of a run."""
+
+    def __init__(self, cfg: Config, dims: ParallelDims, strategy: Strategy | None = None):
+        self.cfg, self.dims = cfg, dims
+        self.run_dir = cfg.run_dir
+        t = cfg.train
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.data = build_data(cfg, dims.dp_rank, dims.dp)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model, self.data.vocab_size, self.data.pad_id)
+        self.n_params = count_params(model)
+        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        self.strategy = strategy or build_strategy(cfg, dims)
+        self.model = self.strategy.wrap(model)
+        self.optimizer = self.strategy.build_optimizer(self.model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg)) if self.optimizer else None
+        self.loss_fn = lm_loss_sum
+        # labels are never ignored in plain LM data: the global count is known without a collective
+        self.static_labels = self.data.task == "lm"
+        self.step = 0
+        torch.manual_seed(cfg.run.seed + 1000 * dims.rank)  # per-rank dropout streams
+        self.autocast = self._autocast_factory()
+
+    def _autocast_factory(self):
+        prec = self.cfg.train.precision
+        if prec == "fp32":
+            return contextlib.nullcontext
+        dtype = torch.bfloat16 if prec == "bf16" else torch.float16
+        dev = self.dims.device.type
+        return lambda: torch.autocast(dev, dtype=dtype)
+
+    # ---- checkpoints ------------------------------------------------------------------
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> None:
+        d = self.dims
+        if d.is_main:
+            ckpt.begin(self.ckpt_root, self.step)
+        d.barrier()
+        tmp = ckpt.tmp_dir(self.ckpt_root, self.step)
+        model_state = self.strategy.model_state(self.model)
+        optim = {"optimizer": self.optimizer.state_dict() if self.optimizer else {},
+                 "scheduler": self.scheduler.state_dict() if self.scheduler else {}}
+        if d.is_main:
+            ckpt.save_file(tmp, "model.pt", model_state)
+            ckpt.save_file(tmp, "meta.json", {
+                "step": self.step, "data": self.data.train.state_dict(), "world_size": d.world_size,
+                "strategy": self.strategy.name, "arch": self.cfg.model.arch,
+            })
+        if d.is_main or self.strategy.sharded_optimizer:
+            ckpt.save_file(tmp, f"optim_rank{d.rank}.pt" if self.strategy.sharded_optimizer else "optim.pt", optim)
+        ckpt.save_file(tmp, f"rank{d.rank}.pt", {"torch_rng": torch.get_rng_state()})
+        self.strategy.save_extra(tmp)
+        d.barrier()
+        if d.is_main:
+            ckpt.commit(self.ckpt_root, self.step, self.cfg.checkpoint.keep)
+        d.barrier()
+
+    def resume(self, path: Path) -> None:
+        ckpt.verify(path)
+        meta = ckpt.load_file(path, "meta.json")
+        self.strategy.load_model_state(self.model, ckpt.load_file(path, "model.pt"))
+        name = f"optim_rank{self.dims.rank}.pt" if self.strategy.sharded_optimizer else "optim.pt"
+        if (path / name).exists() and self.optimizer:
+            optim = ckpt.load_file(path, name)
+            self.optimizer.load_state_dict(optim["optimizer"])
+            self.scheduler.load_state_dict(optim["scheduler"])
+        rank_file = f"rank{self.dims.rank}.pt"
+        if (path / rank_file).exists():
+            torch.set_rng_state(ckpt.load_file(path, rank_file)["torch_rng"])
+        self.strategy.load_extra(path)
+        self.data.train.load_state_dict(meta["data"])
+        self.step = int(meta["step"])
+
+    def find_resume_point(self) -> Path | None:
+        c = self.cfg.checkpoint
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if c.path:
+            return Path(c.path)
+        if c.resume or restarted:
+            return ckpt.latest(self.ckpt_root)
+        return None
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _global_label_count(self, micro: list[dict[str, torch.Tensor]]) -> float:
+        local = sum(count_labels(b) for b in micro)
+        if self.static_labels:
+            return float(local * self.dims.dp)
+        t = torch.tensor([float(local)], dtype=torch.float64, device=self.dims.device)
+        return float(self.dims.all_reduce_sum(t, self.dims.dp_group)[0]) if self.dims.dp > 1 else float(local)
+
+    def train_step(self) -> tuple[torch.Tensor, float]:
+        """One optimizer step over grad_accum micro-batches; returns (local loss sum, global labels)."""
+        dev = self.dims.device
+        micro = [{k: v.to(dev, non_blocking=True) for k, v in next(self.data.train).items()}
+                 for _ in range(self.cfg.train.grad_accum)]
+        n_global = self._global_label_count(micro)
+        scale = self.dims.dp / max(n_global, 1.0)
+        self._debug_hooks()
+        loss_sum = self.strategy.forward_backward(self.model, micro, self.loss_fn, scale, self.autocast)
+        self.strategy.step(self.model, self.optimizer)
+        if self.scheduler:
+            self.scheduler.step()
+        self.tokens_per_step = sum(b["labels"].numel() for b in micro) * self.dims.dp
+        return loss_sum, n_global
+
+    def _debug_hooks(self) -> None:
+        dbg, rank, nxt = self.cfg.debug, self.dims.rank, self.step + 1
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if dbg.kill_rank == rank and dbg.kill_at_step == nxt and not restarted:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if dbg.delay_rank == rank and dbg.delay_ms > 0:
+            time.sleep(dbg.delay_ms / 1000)
+        if dbg.hang_rank == rank and dbg.hang_at_step == nxt:
+            while True:
+                time.sleep(3600)
+
+    def reduced_loss(self, loss_sum: torch.Tensor, n_global: float) -> float:
+        t = loss_sum.reshape(1).to(self.dims.device, torch.float64)
+        if self.dims.dp > 1:
+            self.dims.all_reduce_sum(t, self.dims.dp_group)
+        return float(t[0]) / max(n_global, 1.0)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        stats = torch.zeros(4, dtype=torch.float64)
+        batches = val_batches(self.data, self.cfg.data.batch_size, self.dims.dp_rank, self.dims.dp,
+                              self.cfg.train.eval_batches)
+        for b in batches:
+            b = {k: v.to(self.dims.device) for k, v in b.items()}
+            with self.autocast():
+                logits = self.strategy.eval_logits(self.model, b)
+            if logits is not None:
+                stats += eval_stats(logits, b["labels"])
+        self.model.train()
+        stats = self.strategy.reduce_eval_stats(stats.to(self.dims.device)).cpu()
+        out = {"val_loss": float(stats[0] / max(stats[1], 1))}
+        if self.data.exact_match:
+            out["val_acc"] = float(stats[2] / max(stats[3], 1))
+        return out
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, d = self.cfg, self.dims
+        t0_wall = float(os.environ.get("PARATRAIN_START_TIME", time.time()))
+        resume_from = self.find_resume_point()
+        if resume_from is not None:
+            self.resume(resume_from)
+        log = MetricsLog(self.run_dir / "metrics.jsonl", d.is_main,
+                         truncate_after_step=self.step if resume_from is not None else None)
+        progress = Progress(cfg.train.steps, d.is_main)
+        if resume_from is not None:
+            progress.log(f"resumed from {resume_from} at step {self.step}")
+        peak = device_peak_flops(d.device) if d.is_main else 0.0
+        step_ms: list[float] = []
+        timed_tokens, timed_s, comm_total, comm_steps = 0, 0.0, 0, 0
+        warmup = min(3, max(0, (cfg.train.steps - self.step) // 5))
+        first_step = self.step
+        last_loss, last_eval = float("nan"), {}
+        while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            loss_sum, n_global = self.train_step()
+            self.strategy.observe_loss(loss_sum, n_global)
+            self.step += 1
+            log_now = self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
+            loss = self.reduced_loss(loss_sum, n_global) if log_now else last_loss
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            comm = self.strategy.take_comm_bytes()
+            if self.step - first_step > warmup:
+                step_ms.append(dt * 1000)
+                timed_tokens += self.tokens_per_step
+                timed_s += dt
+                comm_total += comm
+                comm_steps += 1
+            tok_s = self.tokens_per_step / dt
+            record: dict[str, Any] = {}
+            if log_now:
+                last_loss = loss
+                lr = self.optimizer.param_groups[0]["lr"] if self.optimizer else cfg.train.lr
+                record = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s,
+                          "step_ms": dt * 1000, "comm_bytes": comm}
+                record.update(self.strategy.step_metrics())
+            if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or self.step == cfg.train.steps:
+                last_eval = self.evaluate()
+                record = record or {"step": self.step}
+                record.update(last_eval)
+            if record:
+                log.write(record)
+                extra = f" | val {last_eval['val_loss']:.4f}" if "val_loss" in record else ""
+                progress.update(self.step, loss, tok_s, extra)
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                self.save()
+        if cfg.checkpoint.keep and not cfg.checkpoint.every and self.step > first_step:
+            self.save()
+        progress.close()
+        rss = [r[0] for r in d.gather_floats([peak_rss_mb()])]
+        rss += self.strategy.extra_rss_mb()
+        tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
+        samples_per_s = tokens_per_s / max(1, self.cfg.data.seq_len)
+        summary = {
+            "status": "ok",
+            "steps": self.step,
+            "final_loss": last_loss,
+            "val_loss": last_eval.get("val_loss"),
+            "val_acc": last_eval.get("val_acc"),
+            "tokens_per_s": tokens_per_s,
+            "samples_per_s": samples_per_s,
+            "step_time_ms_median": statistics.median(step_ms) if step_ms else None,
+            "mfu": self.flops_per_token * tokens_per_s / (peak * d.world_size) if peak else None,
+            "peak_rss_mb": rss,
+            "comm_bytes_per_step": comm_total / comm_steps if comm_steps else 0,
+            "world_size": d.world_size,
+            "strategy": self.strategy.name,
+            "params": self.n_params,
+            "flops_per_token": self.flops_per_token,
+            "peak_flops_per_worker": peak,
+            "wall_s": time.time() - t0_wall,
+        }
+        summary.update(self.strategy.extra_summary())
+        if d.is_main:
+            write_summary(self.run_dir, summary)
+        return summary
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, run_dir / "summary.json")
+
+
+def run_worker(cfg: Config) -> dict[str, Any]:
+    """Entry point of one rank (or of the only process)."""
+    dims = ParallelDims.from_env(cfg)
+    set_threads(cfg, dims)
+    trainer = Trainer(cfg, dims)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.strategy.close()
+        dims.shutdown()

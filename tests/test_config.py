@@ -1,0 +1,77 @@
+"""Config loading, overrides and validation; every user mistake is one line and exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+import tomllib
+
+from paratrain.cli import main
+from paratrain.config import Config, ConfigError, parse_override
+
+
+def test_defaults_validate_and_round_trip_through_toml():
+    cfg = Config.default()
+    again = Config.from_dict(tomllib.loads(cfg.to_toml()))
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_overrides_are_toml_literals_or_bare_strings():
+    assert parse_override("--train.lr=3e-4") == ("train", "lr", 3e-4)
+    assert parse_override("--parallel.sync=ps") == ("parallel", "sync", "ps")
+    assert parse_override('--parallel.sync="ps"') == ("parallel", "sync", "ps")
+    assert parse_override("--train.deterministic=true") == ("train", "deterministic", True)
+    cfg = Config.load(None, ["--train.lr=1e-3", "--model.n_layer=2"])
+    assert cfg.train.lr == 1e-3 and cfg.model.n_layer == 2
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert Config.load(None, ["--train.lr=1"]).train.lr == 1.0
+    with pytest.raises(ConfigError, match="must be an integer"):
+        Config.load(None, ["--train.steps=1.5"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--trian.lr=1", "did you mean 'train'"),
+        ("--train.lrr=1", "did you mean 'lr'"),
+        ("--train.steps=abc", "must be an integer"),
+        ("--train.lr=-1", "below its minimum"),
+        ("--model.arch=gtp", "did you mean 'gpt'"),
+        ("--model.n_head=3", "does not divide model.d_model"),
+        ("--parallel.zero=4", "above its maximum"),
+        ("--data.source=nothing", "data.source"),
+        ("--data.seq_len=1000", "exceeds model.max_seq_len"),
+        ("--parallel.dp=3", "make the product equal nproc"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(override, message, capsys):
+    assert main(["train", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_and_invalid_config_files(tmp_path, capsys):
+    assert main(["train", "-c", str(tmp_path / "nope.toml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = 1")
+    assert main(["train", "-c", str(bad)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[modle]\nn_layer = 2\n")
+    assert main(["train", "-c", str(unknown)]) == 2
+    assert "did you mean 'model'" in capsys.readouterr().err
+
+
+def test_bad_cli_usage_is_exit_2(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.toml")):
+        Config.load(path)
