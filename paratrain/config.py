@@ -368,8 +368,10 @@ class Config:
                 f"model.n_head = {m.n_head} does not divide model.d_model = {m.d_model}; "
                 "pick n_head so d_model / n_head is a whole number"
             )
-        if m.vocab_size and self.data.source == "stdlib" and m.vocab_size < 256:
-            raise ConfigError(f"model.vocab_size = {m.vocab_size} is too small for byte tokens (need >= 261, or 0 for auto)")
+        if m.vocab_size and d.tokenizer == "byte" and m.vocab_size < 261:
+            raise ConfigError(
+                f"model.vocab_size = {m.vocab_size} is too small for byte tokens (need >= 261, or 0 for auto)"
+            )
         if d.seq_len > m.max_seq_len:
             raise ConfigError(
                 f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {m.max_seq_len}; "

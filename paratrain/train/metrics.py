@@ -80,7 +80,8 @@ class Progress:
         width = 24
         filled = int(width * step / max(self.total, 1))
         bar = "#" * filled + "-" * (width - filled)
-        line = f"step {step:>6}/{self.total} [{bar}] loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | eta {eta:4.0f}s{extra}"
+        line = (f"step {step:>6}/{self.total} [{bar}] loss {loss:.4f} | {tokens_per_s:,.0f} tok/s"
+                f" | eta {eta:4.0f}s{extra}")
         if self.tty:
             sys.stdout.write("\r" + line)
         else:

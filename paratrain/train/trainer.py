@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from paratrain.config import Config
+from paratrain.config import Config, ConfigError
 from paratrain.data import build_data, val_batches
 from paratrain.models import build_model, count_params
 from paratrain.parallel import ParallelDims, Strategy, build_strategy
@@ -59,7 +59,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.data = build_data(cfg, dims.dp_rank, dims.dp)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model, self.data.vocab_size, self.data.pad_id)
+        vocab = cfg.model.vocab_size or self.data.vocab_size
+        if vocab < self.data.vocab_size:
+            raise ConfigError(f"model.vocab_size = {vocab} is smaller than the tokenizer's {self.data.vocab_size}")
+        model = build_model(cfg.model, vocab, self.data.pad_id)
         self.n_params = count_params(model)
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
         self.strategy = strategy or build_strategy(cfg, dims)
