@@ -57,7 +57,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 400
+    steps: int = 300
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     optimizer: str = "adamw"  # adamw | sgd

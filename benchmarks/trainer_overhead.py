@@ -1,0 +1,153 @@
+"""How much does paratrain's trainer cost over a hand-written DDP loop?  And its MFU.
+
+In one process tree: two gloo ranks each hold a paratrain ``Trainer`` and a minimal
+hand-written DDP loop over the same model, data and optimizer, and run them interleaved
+(R rounds of K steps each), so machine noise hits both alike.  Then one process trains
+the default model alone and reports MFU against the fp32 matmul ceiling measured here.
+
+    python benchmarks/trainer_overhead.py [--rounds 6] [--steps 10] [--json-only]
+
+Prints one JSON object: step_time_ratio (paratrain / hand-written, target <= 1.05) and
+mfu_single (target >= 0.35).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from paratrain.config import Config  # noqa: E402
+from paratrain.data import build_data, cached_corpus  # noqa: E402
+from paratrain.models import build_model  # noqa: E402
+from paratrain.parallel import ParallelDims  # noqa: E402
+from paratrain.train.metrics import measure_matmul_flops  # noqa: E402
+from paratrain.train.trainer import Trainer, lr_lambda  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(nproc: int, run_dir: str) -> Config:
+    return Config.load(None, [f"--parallel.nproc={nproc}", f'--run.dir="{run_dir}"', "--train.log_every=1000000",
+                              "--train.eval_every=0", "--train.threads=1"])
+
+
+def _hand_written(cfg: Config, rank: int, world: int):
+    """The minimal loop a user would write: DDP, AdamW, clip, LR schedule."""
+    data = build_data(cfg, rank, world)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model, data.vocab_size, data.pad_id)
+    ddp = DDP(model, bucket_cap_mb=cfg.parallel.bucket_cap_mb, gradient_as_bucket_view=True)
+    t = cfg.train
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0}],
+                            lr=t.lr, betas=(0.9, 0.95), foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    def step():
+        batch = next(data.train)
+        logits = ddp(batch["input_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+
+    return step
+
+
+def _worker(rank: int, world: int, port: int, rounds: int, steps: int, run_dir: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    cfg = _config(world, run_dir)
+    dims = ParallelDims.from_env(cfg)
+    trainer = Trainer(cfg, dims)
+    hand = _hand_written(cfg, rank, world)
+    times: dict[str, list[float]] = {"paratrain": [], "hand": []}
+    for r in range(rounds + 1):  # round 0 warms both up
+        for name, fn in (("paratrain", trainer.train_step), ("hand", hand)):
+            for _ in range(steps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                if name == "paratrain":  # what fit() adds per step: the logged loss every log_every steps
+                    trainer.step += 1
+                    if trainer.step % 10 == 0:
+                        trainer.reduced_loss(torch.zeros(()), 1.0)
+                dt = time.perf_counter() - t0
+                if r:
+                    times[name].append(dt)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(times, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def single_process_mfu(run_dir: str, steps: int = 40) -> dict:
+    """The default model on one process and one thread: model FLOP/s over the matmul ceiling."""
+    os.environ.pop("RANK", None)
+    torch.set_num_threads(1)
+    cfg = _config(1, run_dir)
+    trainer = Trainer(cfg, ParallelDims.from_env(cfg, init=False))
+    for _ in range(5):
+        trainer.train_step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    dt = time.perf_counter() - t0
+    tokens_per_s = steps * trainer.tokens_per_step / dt
+    peak = measure_matmul_flops()
+    return {"tokens_per_s_single": tokens_per_s, "matmul_peak_gflops_1thread": peak / 1e9,
+            "mfu_single": trainer.flops_per_token * tokens_per_s / peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cached_corpus("stdlib")
+        out = os.path.join(tmp, "times.json")
+        mp.spawn(_worker, args=(2, _free_port(), args.rounds, args.steps, tmp, out), nprocs=2, join=True)
+        times = json.load(open(out))
+        mfu = single_process_mfu(tmp)
+    para, hand = statistics.median(times["paratrain"]), statistics.median(times["hand"])
+    result = {
+        "benchmark": "trainer_overhead",
+        "world_size": 2,
+        "steps_each": len(times["paratrain"]),
+        "paratrain_step_ms_median": para * 1000,
+        "hand_written_step_ms_median": hand * 1000,
+        "step_time_ratio": para / hand,
+        "target_ratio": 1.05,
+        **mfu,
+        "target_mfu": 0.35,
+    }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
