@@ -58,6 +58,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if summary.get("status") != "ok":
         print(f"paratrain: training failed: {summary.get('error', 'see the log above')}", file=sys.stderr)
         return 1
+    if "steps" not in summary:  # a process that trained nothing itself (a parameter server under torchrun)
+        print(f"done: {summary.get('role', 'finished')}")
+        return 0
     vl = summary.get("val_loss")
     tail = f", val loss {vl:.4f}" if isinstance(vl, float) else ""
     print(f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}{tail} -> {cfg.run_dir}")

@@ -87,6 +87,8 @@ class ParallelConfig:
     max_restarts: int = 0
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
     microbatches: int = 0  # 0: pp
+    virtual_stages: int = 2  # pipeline chunks per rank with pp_schedule = "interleaved"
+    loss_parallel: bool = False  # tp: cross-entropy on vocab-sharded logits (no gather)
     cpu_offload: bool = False
     backend: str = "auto"  # auto | gloo | nccl
     bucket_cap_mb: float = 25.0
@@ -205,6 +207,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("parallel", "zero"): (0, 3),
     ("parallel", "max_restarts"): (0, 100),
     ("parallel", "microbatches"): (0, None),
+    ("parallel", "virtual_stages"): (1, None),
     ("parallel", "bucket_cap_mb"): (0.001, None),
     ("ps", "servers"): (1, 64),
     ("ps", "staleness"): (0, None),
@@ -410,7 +413,52 @@ class Config:
             raise ConfigError(f"debug rank is out of range for parallel.nproc = {world}")
         if p.sync == "ps" and self.debug.kill_server >= self.ps.servers:
             raise ConfigError(f"debug.kill_server = {self.debug.kill_server} but ps.servers = {self.ps.servers}")
+        self._validate_layout()
         self._validate_more()
+
+    def _validate_layout(self) -> None:
+        """Tensor / pipeline / ZeRO layouts that cannot work, each rejected with a one-line reason."""
+        m, d, p = self.model, self.data, self.parallel
+        if p.tp > 1:
+            for key, value in (("n_head", m.n_head), ("d_ff", m.d_ff)):
+                if value % p.tp:
+                    raise ConfigError(f"model.{key} = {value} is not divisible by parallel.tp = {p.tp}; "
+                                      "tensor parallel splits it evenly across ranks")
+        if p.pp > 1:
+            if m.arch != "gpt":
+                raise ConfigError(f"pipeline parallel supports model.arch = 'gpt' only, not {m.arch!r}; "
+                                  "use tp or zero for it")
+            if m.tie_embeddings:
+                raise ConfigError("model.tie_embeddings = true cannot span pipeline stages (embedding on the "
+                                  "first, head on the last); set model.tie_embeddings = false")
+            v = p.virtual_stages if p.pp_schedule == "interleaved" else 1
+            if p.pp * v > m.n_layer:
+                what = f"pp * virtual_stages = {p.pp} * {v}" if v > 1 else f"pp = {p.pp}"
+                raise ConfigError(f"parallel.{what} exceeds model.n_layer = {m.n_layer}; "
+                                  "every pipeline stage needs at least one layer")
+            mb = p.microbatches or p.pp
+            if d.batch_size % mb:
+                raise ConfigError(f"data.batch_size = {d.batch_size} is not divisible by parallel.microbatches = {mb}")
+            if p.pp_schedule == "1f1b" and mb < p.pp:
+                raise ConfigError(f"parallel.microbatches = {mb} is below parallel.pp = {p.pp}; "
+                                  "1F1B needs at least one microbatch per stage")
+            if p.pp_schedule == "interleaved" and mb % p.pp:
+                raise ConfigError(f"parallel.microbatches = {mb} must be a multiple of parallel.pp = {p.pp} "
+                                  "for the interleaved schedule")
+            if p.zero:
+                raise ConfigError("parallel.zero > 0 with pp > 1 is not supported (stages all-reduce "
+                                  "gradients over dp); use zero = 0")
+        if p.zero == 1 and p.tp > 1:
+            raise ConfigError("parallel.zero = 1 works with plain data parallel only; with tp > 1 use "
+                              "zero = 2 or 3 (FSDP2 on the dp axis)")
+        if p.zero and self.dp == 1:
+            raise ConfigError(f"parallel.zero = {p.zero} shards over data-parallel ranks but dp = 1; "
+                              "use more processes than tp * pp")
+        if p.cpu_offload and p.zero < 2:
+            raise ConfigError("parallel.cpu_offload needs parallel.zero = 2 or 3 (FSDP2 offloads sharded state)")
+        if self.compression.gradient != "none" and (p.tp > 1 or p.pp > 1 or p.zero >= 2):
+            raise ConfigError(f"compression.gradient = {self.compression.gradient!r} compresses DDP gradients; "
+                              "it needs tp = pp = 1 and zero = 0 or 1")
 
     def _validate_more(self) -> None:
         """Hook for checks owned by other subsystems (model parallel, PS, compression)."""
@@ -427,10 +475,14 @@ class Config:
         for section, table in self.to_dict().items():
             lines.append(f"[{section}]")
             for key, value in table.items():
+                if (section, key) in _SECRET_KEYS:
+                    value = ""  # never written to disk; the launcher passes it through the environment
                 lines.append(f"{key} = {_toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
 
+
+_SECRET_KEYS = {("ps", "secret")}
 
 # Validators registered by subsystems: each takes a Config and raises ConfigError.
 EXTRA_CHECKS: list[typing.Callable[[Config], None]] = []

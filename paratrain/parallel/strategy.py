@@ -18,6 +18,7 @@ from torch import nn
 
 from paratrain.config import Config
 from paratrain.parallel.dims import ParallelDims
+from paratrain.parallel.memory import LossScaler, apply_activation_checkpointing
 
 
 class Strategy:
@@ -25,13 +26,22 @@ class Strategy:
 
     name = "single"
     sharded_optimizer = False  # True: each rank checkpoints its own optimizer state
+    uses_dcp = False  # True: model + optimizer are checkpointed with DCP (any layout can resume them)
 
     def __init__(self, cfg: Config, dims: ParallelDims):
         self.cfg = cfg
         self.dims = dims
         self.comm_bytes = 0  # bytes this worker sent since the last take_comm_bytes()
+        # fp16: dynamic loss scaling, overflow agreed by all ranks (see parallel/memory.py)
+        self.loss_scaler = LossScaler() if cfg.train.precision == "fp16" else None
 
     # ---- setup ----------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Layout-independent memory policies, applied before :meth:`wrap` (activation
+        checkpointing); strategies that must apply them after tensor parallel override this."""
+        apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
+        return model
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """Apply the parallel layout to a single-device model; return what to call forward on."""
         return model
@@ -61,6 +71,8 @@ class Strategy:
         """
         total = torch.zeros((), dtype=torch.float64)
         last = len(micro_batches) - 1
+        if self.loss_scaler is not None:
+            scale *= self.loss_scaler.scale
         for i, batch in enumerate(micro_batches):
             with self.no_sync(model) if i < last else contextlib.nullcontext():
                 with autocast():
@@ -83,6 +95,9 @@ class Strategy:
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
         """Gradients are final on every rank: clip, step, zero.  Returns the grad norm."""
+        if self.loss_scaler is not None and not self.loss_scaler.unscale_(model.parameters(), self.dims.distributed):
+            optimizer.zero_grad(set_to_none=True)  # fp16 overflow somewhere: every rank skips
+            return float("inf")
         norm = self.clip_grad_norm(model, self.cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -109,7 +124,19 @@ class Strategy:
     def load_extra(self, ckpt_dir: Path) -> None:
         """Load what ``save_extra`` wrote."""
 
+    def dcp_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules whose own parameter names are the single-device model's (DCP keys)."""
+        return [unwrap(model)]
+
     # ---- metrics ----------------------------------------------------------------------------
+    def reduce_loss_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum this step's loss over the ranks that hold distinct data (in place; the reported loss).
+
+        Pipeline layouts override this: only the last stage has a loss."""
+        if self.dims.dp > 1:
+            self.dims.all_reduce_sum(t, self.dims.dp_group)
+        return t
+
     def reduce_eval_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """Sum eval statistics over the ranks that hold distinct data."""
         return self.dims.all_reduce_sum(stats) if self.dims.distributed else stats

@@ -59,9 +59,17 @@ def launch(cfg: Config) -> dict[str, Any]:
     """Run training per the config; returns rank 0's summary (or an error summary)."""
     if under_torchrun():
         os.environ.setdefault("PARATRAIN_START_TIME", repr(time.time()))
+        from paratrain.doctor import multi_host_warning
+
+        if (warning := multi_host_warning()) and os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"paratrain: warning: {warning}", file=sys.stderr)
         if int(os.environ.get("RANK", "0")) == 0:
             prepare_run_dir(cfg)
         _prepare_data(cfg)
+        if cfg.parallel.sync == "ps":  # roles by rank: servers first, then workers
+            from paratrain.ps.launch import run_torchrun_role
+
+            return run_torchrun_role(cfg)
         return run_worker(cfg)
     os.environ["PARATRAIN_START_TIME"] = repr(time.time())
     _check_resume(cfg)
@@ -69,10 +77,15 @@ def launch(cfg: Config) -> dict[str, Any]:
     _prepare_data(cfg)
     if cfg.parallel.nproc == 1 and cfg.parallel.sync != "ps":
         return run_worker(cfg)
+    if cfg.parallel.sync == "ps":  # own worker spawner: a dead worker must not stop the others
+        from paratrain.ps.launch import launch_local
+
+        return launch_local(cfg, run_dir)
     return _launch_local(cfg, run_dir)
 
 
-def _launch_local(cfg: Config, run_dir: Path) -> dict[str, Any]:
+def _launch_local(cfg: Config, run_dir: Path, worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Start nproc local workers (``worker_args`` go after the config path) and wait for them."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -90,12 +103,16 @@ def _launch_local(cfg: Config, run_dir: Path) -> dict[str, Any]:
     )
     config_path = run_dir / "config.toml"
     # workers read the resolved config from the run dir; extra roles (PS servers) start first
-    with _extra_roles(cfg):
+    with _extra_roles(cfg), _worker_env(cfg):
         try:
-            elastic_launch(lc, entrypoint=sys.executable)("-m", "paratrain.train.worker", str(config_path))
+            elastic_launch(lc, entrypoint=sys.executable)("-m", "paratrain.train.worker", str(config_path),
+                                                          *worker_args)
         except ChildFailedError as e:
+            from paratrain.train.watchdog import read_diagnosis
+
             failures = "; ".join(_describe_failure(r, f.exitcode) for r, f in sorted(e.failures.items()))
-            summary = {"status": "error", "error": f"worker failed: {failures}", "wall_s": time.time() - t0}
+            error = read_diagnosis(run_dir, since=t0) or f"worker failed: {failures}"
+            summary = {"status": "error", "error": error, "wall_s": time.time() - t0}
             write_summary(run_dir, summary)
             return summary
     summary_path = run_dir / "summary.json"
@@ -108,6 +125,30 @@ def _describe_failure(rank: int, exitcode: int) -> str:
     if exitcode < 0:
         return f"rank {rank} was killed by {signal.Signals(-exitcode).name}"
     return f"rank {rank} exited with code {exitcode}"
+
+
+@contextlib.contextmanager
+def _worker_env(cfg: Config):
+    """Environment the spawned workers inherit for the length of the launch.
+
+    ZeRO runs get ``MALLOC_MMAP_THRESHOLD_`` (unless already set): with glibc's default, the
+    per-block buffers FSDP frees stay in the heap and sharding hardly lowers peak RSS.
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (read by the agent) gives each restart a fresh
+    c10d store: with the agent's shared store, restarted workers can read the dead attempt's
+    gloo addresses (same keys) and fail to connect (see docs/operations.md).
+    """
+    extra: dict[str, str] = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    if cfg.parallel.zero > 0:
+        from paratrain.parallel.sharding import MALLOC_ENV
+
+        extra.update(MALLOC_ENV)
+    extra = {k: v for k, v in extra.items() if k not in os.environ}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k in extra:
+            os.environ.pop(k, None)
 
 
 def _extra_roles(cfg: Config) -> contextlib.AbstractContextManager:

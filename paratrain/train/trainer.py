@@ -21,11 +21,14 @@ import torch
 
 from paratrain.config import Config, ConfigError
 from paratrain.data import build_data, val_batches
+from paratrain.data.user_data import samples_in, to_device, tokens_in
 from paratrain.models import build_model, count_params
 from paratrain.parallel import ParallelDims, Strategy, build_strategy
 from paratrain.train import checkpoint as ckpt
 from paratrain.train.loss import count_labels, eval_stats, lm_loss_sum
 from paratrain.train.metrics import MetricsLog, Progress, device_peak_flops, peak_rss_mb
+from paratrain.train.monitor import RunMonitor
+from paratrain.train.user_model import UserRun
 
 
 def lr_lambda(cfg: Config):
@@ -51,28 +54,42 @@ def set_threads(cfg: Config, dims: ParallelDims) -> None:
 class Trainer:
     """Owns one rank's model, optimizer, data and strategy for the length of a run."""
 
-    def __init__(self, cfg: Config, dims: ParallelDims, strategy: Strategy | None = None):
+    def __init__(self, cfg: Config, dims: ParallelDims, strategy: Strategy | None = None, *,
+                 model: Any = None, loss_fn=None, train_data: Any = None, val_data: Any = None,
+                 tp_plan: Any = None, pp_split: Any = None):
+        # Injected pieces (see paratrain/train/user_model.py): model = an nn.Module or a zero-argument
+        # factory (e.g. a pruned/student model, a Hugging Face model); loss_fn(model, batch) -> summed
+        # loss (e.g. distillation), weighted by ``loss_fn.count(batch)`` when it has one; train_data /
+        # val_data = a map-style dataset or an iterable of batches; tp_plan / pp_split for foreign models.
         self.cfg, self.dims = cfg, dims
         self.run_dir = cfg.run_dir
         t = cfg.train
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.data = build_data(cfg, dims.dp_rank, dims.dp)
+        injected = dict(model=model, loss_fn=loss_fn, train_data=train_data, val_data=val_data,
+                        tp_plan=tp_plan, pp_split=pp_split)
+        self.user = UserRun(cfg, dims.dp_rank, dims.dp, **injected) if any(
+            v is not None for v in injected.values()) else None
+        self.data = self.user.data if self.user else build_data(cfg, dims.dp_rank, dims.dp)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         vocab = cfg.model.vocab_size or self.data.vocab_size
         if vocab < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size = {vocab} is smaller than the tokenizer's {self.data.vocab_size}")
-        model = build_model(cfg.model, vocab, self.data.pad_id)
+        model = self.user.build_model(vocab, self.data.pad_id) if self.user else build_model(
+            cfg.model, vocab, self.data.pad_id)
         self.n_params = count_params(model)
-        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        self.flops_per_token = UserRun.flops_per_token(model, cfg.data.seq_len, self.n_params)
         self.strategy = strategy or build_strategy(cfg, dims)
-        self.model = self.strategy.wrap(model)
+        self.model = self.strategy.wrap(self.strategy.prepare(model))
         self.optimizer = self.strategy.build_optimizer(self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg)) if self.optimizer else None
-        self.loss_fn = lm_loss_sum
+        self.loss_fn = self.user.loss_fn if self.user else lm_loss_sum
+        self.count_fn = self.user.count if self.user else count_labels
+        self.tokens_per_step = self.samples_per_step = 0
         # labels are never ignored in plain LM data: the global count is known without a collective
         self.static_labels = self.data.task == "lm"
         self.step = 0
+        self.monitor: RunMonitor | None = None  # watchdog, goodput, TensorBoard while fit() runs
         torch.manual_seed(cfg.run.seed + 1000 * dims.rank)  # per-rank dropout streams
         self.autocast = self._autocast_factory()
 
@@ -95,14 +112,22 @@ class Trainer:
             ckpt.begin(self.ckpt_root, self.step)
         d.barrier()
         tmp = ckpt.tmp_dir(self.ckpt_root, self.step)
-        model_state = self.strategy.model_state(self.model)
-        optim = {"optimizer": self.optimizer.state_dict() if self.optimizer else {},
-                 "scheduler": self.scheduler.state_dict() if self.scheduler else {}}
+        if self.strategy.uses_dcp:  # layout-independent: dcp/ from every rank, model.pt from rank 0
+            from paratrain.parallel import dist_checkpoint
+
+            dist_checkpoint.save(tmp, self.strategy.dcp_modules(self.model), self.optimizer)
+            model_state, optim_state = None, {}
+        else:
+            model_state = self.strategy.model_state(self.model)
+            optim_state = self.optimizer.state_dict() if self.optimizer else {}
+        optim = {"optimizer": optim_state, "scheduler": self.scheduler.state_dict() if self.scheduler else {}}
         if d.is_main:
-            ckpt.save_file(tmp, "model.pt", model_state)
+            if model_state is not None:
+                ckpt.save_file(tmp, "model.pt", model_state)
             ckpt.save_file(tmp, "meta.json", {
                 "step": self.step, "data": self.data.train.state_dict(), "world_size": d.world_size,
-                "strategy": self.strategy.name, "arch": self.cfg.model.arch,
+                "strategy": self.strategy.name, "arch": self.user.arch if self.user else self.cfg.model.arch,
+                "productive_s": self.monitor.productive_s if self.monitor else 0.0,
             })
         if d.is_main or self.strategy.sharded_optimizer:
             ckpt.save_file(tmp, f"optim_rank{d.rank}.pt" if self.strategy.sharded_optimizer else "optim.pt", optim)
@@ -116,12 +141,25 @@ class Trainer:
     def resume(self, path: Path) -> None:
         ckpt.verify(path)
         meta = ckpt.load_file(path, "meta.json")
-        self.strategy.load_model_state(self.model, ckpt.load_file(path, "model.pt"))
         name = f"optim_rank{self.dims.rank}.pt" if self.strategy.sharded_optimizer else "optim.pt"
+        if (path / "dcp").is_dir():  # saved by a model-parallel layout: loads under any layout
+            from paratrain.parallel import dist_checkpoint
+
+            dist_checkpoint.load(path, self.strategy.dcp_modules(self.model), self.optimizer)
+            name = "optim.pt"  # the schedule only
+        elif self.strategy.uses_dcp:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was saved by a '{meta.get('strategy')}' run without a DCP copy; "
+                "resume it with a data-parallel layout (zero = 0, tp = pp = 1)")
+        else:
+            self.strategy.load_model_state(self.model, ckpt.load_file(path, "model.pt"))
         if (path / name).exists() and self.optimizer:
             optim = ckpt.load_file(path, name)
-            self.optimizer.load_state_dict(optim["optimizer"])
+            if optim["optimizer"]:
+                self.optimizer.load_state_dict(optim["optimizer"])
             self.scheduler.load_state_dict(optim["scheduler"])
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
         rank_file = f"rank{self.dims.rank}.pt"
         if (path / rank_file).exists():
             torch.set_rng_state(ckpt.load_file(path, rank_file)["torch_rng"])
@@ -140,7 +178,7 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------------
     def _global_label_count(self, micro: list[dict[str, torch.Tensor]]) -> float:
-        local = sum(count_labels(b) for b in micro)
+        local = sum(self.count_fn(b) for b in micro)
         if self.static_labels:
             return float(local * self.dims.dp)
         t = torch.tensor([float(local)], dtype=torch.float64, device=self.dims.device)
@@ -149,8 +187,7 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, float]:
         """One optimizer step over grad_accum micro-batches; returns (local loss sum, global labels)."""
         dev = self.dims.device
-        micro = [{k: v.to(dev, non_blocking=True) for k, v in next(self.data.train).items()}
-                 for _ in range(self.cfg.train.grad_accum)]
+        micro = [to_device(next(self.data.train), dev) for _ in range(self.cfg.train.grad_accum)]
         n_global = self._global_label_count(micro)
         scale = self.dims.dp / max(n_global, 1.0)
         self._debug_hooks()
@@ -158,7 +195,8 @@ class Trainer:
         self.strategy.step(self.model, self.optimizer)
         if self.scheduler:
             self.scheduler.step()
-        self.tokens_per_step = sum(b["labels"].numel() for b in micro) * self.dims.dp
+        self.tokens_per_step = sum(tokens_in(b) for b in micro) * self.dims.dp
+        self.samples_per_step = sum(samples_in(b) for b in micro) * self.dims.dp
         return loss_sum, n_global
 
     def _debug_hooks(self) -> None:
@@ -173,20 +211,27 @@ class Trainer:
                 time.sleep(3600)
 
     def reduced_loss(self, loss_sum: torch.Tensor, n_global: float) -> float:
-        t = loss_sum.reshape(1).to(self.dims.device, torch.float64)
-        if self.dims.dp > 1:
-            self.dims.all_reduce_sum(t, self.dims.dp_group)
+        t = self.strategy.reduce_loss_sum(loss_sum.reshape(1).to(self.dims.device, torch.float64))
         return float(t[0]) / max(n_global, 1.0)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         stats = torch.zeros(4, dtype=torch.float64)
-        batches = val_batches(self.data, self.cfg.data.batch_size, self.dims.dp_rank, self.dims.dp,
-                              self.cfg.train.eval_batches)
+        if self.user:
+            batches = self.user.val_batches(self.cfg.data.batch_size, self.cfg.train.eval_batches)
+            if batches is None:  # user data without val_data: nothing to evaluate
+                self.model.train()
+                return {}
+        else:
+            batches = val_batches(self.data, self.cfg.data.batch_size, self.dims.dp_rank, self.dims.dp,
+                                  self.cfg.train.eval_batches)
         for b in batches:
-            b = {k: v.to(self.dims.device) for k, v in b.items()}
+            b = to_device(b, self.dims.device)
             with self.autocast():
+                if self.user:
+                    stats += self.user.eval_stats(self.model, b, self.strategy)
+                    continue
                 logits = self.strategy.eval_logits(self.model, b)
             if logits is not None:
                 stats += eval_stats(logits, b["labels"])
@@ -210,6 +255,8 @@ class Trainer:
         if resume_from is not None:
             progress.log(f"resumed from {resume_from} at step {self.step}")
         peak = device_peak_flops(d.device) if d.is_main else 0.0
+        productive = ckpt.load_file(resume_from, "meta.json").get("productive_s", 0.0) if resume_from else 0.0
+        self.monitor = RunMonitor(cfg, d, productive, self.step, peak, self.flops_per_token)
         step_ms: list[float] = []
         timed_tokens, timed_s, comm_total, comm_steps = 0, 0.0, 0, 0
         warmup = min(3, max(0, (cfg.train.steps - self.step) // 5))
@@ -244,6 +291,7 @@ class Trainer:
                 last_eval = self.evaluate()
                 record = record or {"step": self.step}
                 record.update(last_eval)
+            self.monitor.step_end(self.step, dt, record)
             if record:
                 log.write(record)
                 extra = f" | val {last_eval['val_loss']:.4f}" if "val_loss" in record else ""
@@ -256,7 +304,7 @@ class Trainer:
         rss = [r[0] for r in d.gather_floats([peak_rss_mb()])]
         rss += self.strategy.extra_rss_mb()
         tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
-        samples_per_s = tokens_per_s / max(1, self.cfg.data.seq_len)
+        samples_per_s = tokens_per_s * self.samples_per_step / max(1, self.tokens_per_step)
         summary = {
             "status": "ok",
             "steps": self.step,
@@ -277,6 +325,8 @@ class Trainer:
             "wall_s": time.time() - t0_wall,
         }
         summary.update(self.strategy.extra_summary())
+        summary.update(self.monitor.summary())
+        self.monitor.close()
         if d.is_main:
             write_summary(self.run_dir, summary)
         return summary
@@ -288,13 +338,16 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     os.replace(tmp, run_dir / "summary.json")
 
 
-def run_worker(cfg: Config) -> dict[str, Any]:
-    """Entry point of one rank (or of the only process)."""
+def run_worker(cfg: Config, **injected: Any) -> dict[str, Any]:
+    """Entry point of one rank (or of the only process); ``injected``: Trainer's model, loss_fn,
+    train_data, val_data, tp_plan, pp_split."""
     dims = ParallelDims.from_env(cfg)
     set_threads(cfg, dims)
-    trainer = Trainer(cfg, dims)
+    trainer = Trainer(cfg, dims, **injected)
     try:
         return trainer.fit()
     finally:
+        if trainer.monitor is not None:
+            trainer.monitor.close()
         trainer.strategy.close()
         dims.shutdown()
