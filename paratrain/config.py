@@ -413,6 +413,8 @@ class Config:
             raise ConfigError(f"debug rank is out of range for parallel.nproc = {world}")
         if p.sync == "ps" and self.debug.kill_server >= self.ps.servers:
             raise ConfigError(f"debug.kill_server = {self.debug.kill_server} but ps.servers = {self.ps.servers}")
+        if self.ps.secret and len(self.ps.secret) < 16:
+            raise ConfigError("ps.secret must be at least 16 characters (or empty: the launcher generates one)")
         self._validate_layout()
         self._validate_more()
 
