@@ -1,0 +1,122 @@
+"""Gradient compression benchmark: every codec on the all-reduce and parameter-server paths.
+
+Trains the default GPT for a fixed number of steps with 2 workers, once uncompressed (fp32)
+and once per codec (plus top-k without error feedback), on each path, side by side in one
+run.  Prints JSON: per run the bytes per step, final val loss and median step time, and
+each relative to the fp32 run of the same path.
+
+    python benchmarks/compression.py [--steps 100] [--paths allreduce,ps] [--codecs fp16,int8,...]
+                                     [--set=--train.optimizer=sgd ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CODECS = ["fp16", "bf16", "int8", "topk", "powersgd"]
+PATHS = {"allreduce": ["--parallel.sync=allreduce"], "ps": ["--parallel.sync=ps", "--ps.mode=async"]}
+RUNNER = "import sys; from paratrain.cli import main; sys.exit(main())"
+
+
+def run_one(run_dir: Path, overrides: list[str], timeout_s: float) -> dict:
+    """One ``paratrain train`` in a subprocess; returns its summary.json (or an error record)."""
+    cmd = [sys.executable, "-c", RUNNER, "train", f"--run.dir={run_dir}", *overrides]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "error": f"timed out after {timeout_s:.0f} s"}
+    summary_path = run_dir / "summary.json"
+    if proc.returncode != 0 or not summary_path.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"status": "error", "error": " | ".join(tail), "wall_s": time.time() - t0}
+    return json.loads(summary_path.read_text())
+
+
+def codec_cost(codecs: list[str], topk_ratio: float, repeats: int = 5) -> dict:
+    """Milliseconds to encode (with error feedback) + decode every gradient of the default GPT, 1 thread."""
+    import torch
+
+    from paratrain.compression import get_codec
+    from paratrain.config import Config
+    from paratrain.data.tokenizer import ByteTokenizer
+    from paratrain.models import build_model
+
+    torch.set_num_threads(1)
+    cfg = Config.default()
+    model = build_model(cfg.model, ByteTokenizer.vocab_size, 0)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    out = {}
+    for name in codecs:
+        codec = get_codec(name, ratio=topk_ratio, rank=cfg.compression.powersgd_rank)
+        states = [codec.new_state(True) for _ in grads]
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for g, st in zip(grads, states, strict=True):
+                codec.decode(codec.encode(g, st))
+            times.append((time.perf_counter() - t0) * 1000)
+        out[name] = round(sorted(times)[len(times) // 2], 2)
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 4) if a is not None and b else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--paths", default="allreduce,ps")
+    ap.add_argument("--codecs", default=",".join(CODECS))
+    ap.add_argument("--topk-ratio", type=float, default=0.01)
+    ap.add_argument("--eval-batches", type=int, default=16)
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    ap.add_argument("--set", action="append", default=[], metavar="--SECTION.KEY=VALUE",
+                    help="extra override for every run, e.g. --set=--train.optimizer=sgd (repeatable)")
+    ap.add_argument("--out", default="", help="also write the JSON here")
+    args = ap.parse_args()
+    common = [f"--train.steps={args.steps}", "--parallel.nproc=2", "--train.eval_every=0",
+              f"--train.eval_batches={args.eval_batches}", "--checkpoint.keep=0",
+              f"--compression.topk_ratio={args.topk_ratio}", *args.set]
+    variants = [("fp32", ["--compression.gradient=none"])]
+    for c in args.codecs.split(","):
+        variants.append((c, [f"--compression.gradient={c}"]))
+        if c == "topk":
+            variants.append(("topk-no-ef", ["--compression.gradient=topk", "--compression.error_feedback=false"]))
+    results: dict = {"steps": args.steps, "workers": 2, "model": "default gpt", "topk_ratio": args.topk_ratio,
+                     "overrides": args.set, "paths": {}}
+    results["codec_ms_per_step"] = codec_cost(["none", *args.codecs.split(",")], args.topk_ratio)
+    with tempfile.TemporaryDirectory(prefix="bench-compression-") as tmp:
+        for path in args.paths.split(","):
+            rows: dict = {}
+            for name, extra in variants:
+                s = run_one(Path(tmp) / f"{path}-{name}", [*common, *PATHS[path], *extra], args.timeout)
+                rows[name] = {
+                    "status": s.get("status"), "error": s.get("error"),
+                    "bytes_per_step": s.get("comm_bytes_per_step"), "val_loss": s.get("val_loss"),
+                    "step_ms": s.get("step_time_ms_median"), "fallbacks": s.get("compression_fallbacks"),
+                    "wall_s": round(s.get("wall_s") or 0.0, 1),
+                }
+                print(f"{path:9s} {name:11s} {json.dumps(rows[name])}", file=sys.stderr, flush=True)
+            base = rows["fp32"]
+            for r in rows.values():
+                r["bytes_vs_fp32"] = ratio(r["bytes_per_step"], base["bytes_per_step"])
+                r["val_loss_vs_fp32"] = ratio(r["val_loss"], base["val_loss"])
+                r["step_time_vs_fp32"] = ratio(r["step_ms"], base["step_ms"])
+            results["paths"][path] = rows
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

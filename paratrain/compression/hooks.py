@@ -1,0 +1,231 @@
+"""DDP communication hooks built on the gradient codecs.
+
+Each hook sees one flat DDP bucket, averages it over the data-parallel group through a
+compressed exchange, and adds the bytes this rank sent to ``strategy.comm_bytes``:
+
+- fp16 / bf16: all-reduce of the cast values (error feedback keeps the cast error locally);
+- int8 / top-k: all-gather of every rank's payload (packed into one byte buffer), decoded
+  and summed locally (int8 sums would overflow; top-k index sets differ per rank);
+- PowerSGD: all-reduce of P (+ the bucket's vectors, sent raw), orthonormalize, then
+  all-reduce of Q; residual ``M - P Q_local^T`` kept for error feedback; Q warm-starts
+  the next step (identical on all ranks).
+
+Byte convention (docs/compression.md): an all-reduce of S bytes costs each rank
+``2 (n-1)/n * S`` (ring), an all-gather of S bytes per rank costs ``(n-1) * S``.
+While the loss safeguard falls back, buckets go uncompressed (fp32 all-reduce of the
+gradient plus any pending residual).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from paratrain.compression.codecs import (
+    Payload,
+    decode,
+    initial_q,
+    matrix_shape,
+    orthonormalize,
+    powersgd_applies,
+    valid_q,
+)
+from paratrain.compression.compressor import GradientCompressor
+from paratrain.parallel.data_parallel import ring_allreduce_bytes
+
+
+def allgather_bytes(nbytes: int, world: int) -> int:
+    """Bytes one rank sends in a ring all-gather where each rank contributes ``nbytes``."""
+    return (world - 1) * nbytes
+
+
+def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors' raw bytes into one uint8 tensor (one collective instead of several)."""
+    return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def unpack(buf: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Split a ``pack``-ed buffer back into tensors shaped and typed like ``like``."""
+    out, off = [], 0
+    for t in like:
+        n = t.numel() * t.element_size()
+        out.append(buf[off:off + n].clone().view(t.dtype).reshape(t.shape))
+        off += n
+    return out
+
+
+class CompressionHookState:
+    """State shared by the hook calls of one DDP model: codec states, byte counts, safeguard."""
+
+    def __init__(self, strategy: Any):
+        self.strategy = strategy
+        self.dims = strategy.dims
+        self.cfg = strategy.cfg.compression
+        self.group = self.dims.dp_group
+        self.world = self.dims.dp
+        self.compressor = GradientCompressor.from_config(self.cfg, seed=self.dims.rank + 1)
+        self.qs: dict[tuple, list[torch.Tensor]] = {}  # PowerSGD warm start per bucket
+        self.payload_bytes = 0  # sum of codec payload sizes handed to collectives (tests)
+        self.step_compressed = False
+
+    # ---- collectives that count what they send ----------------------------------------------
+    def all_reduce(self, t: torch.Tensor) -> torch.futures.Future:
+        self.strategy.comm_bytes += ring_allreduce_bytes(t.numel() * t.element_size(), self.world)
+        return dist.all_reduce(t, group=self.group, async_op=True).get_future()
+
+    def all_gather(self, t: torch.Tensor) -> tuple[list[torch.Tensor], torch.futures.Future]:
+        self.strategy.comm_bytes += allgather_bytes(t.numel() * t.element_size(), self.world)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        return out, dist.all_gather(out, t, group=self.group, async_op=True).get_future()
+
+    # ---- safeguard ------------------------------------------------------------------------------
+    @property
+    def safeguard_enabled(self) -> bool:
+        g = self.compressor.safeguard
+        return g is not None and g.steps > 0
+
+    def observe_loss(self, loss_sum: torch.Tensor, n_global: float) -> None:
+        """Feed the global mean loss of a step (one small all-reduce) to the safeguard."""
+        if not self.safeguard_enabled:
+            return
+        t = loss_sum.detach().reshape(1).to(self.dims.device, torch.float64, copy=True)
+        if self.world > 1:
+            dist.all_reduce(t, group=self.group)
+        if self.compressor.observe_loss(float(t[0]) / max(n_global, 1.0)) and self.dims.is_main:
+            print(f"paratrain: compression: {self.compressor.safeguard.last_event}", file=sys.stderr, flush=True)
+
+    def step_metrics(self) -> dict[str, Any]:
+        return {"compressed": self.step_compressed}
+
+    def summary(self) -> dict[str, Any]:
+        return self.compressor.summary()
+
+
+def bucket_key(bucket) -> tuple[int, ...]:
+    """Identity of a bucket's layout: its parameters' addresses, in order.
+
+    DDP rebuilds its buckets after the first step; a state keyed by index alone could then
+    add a residual to the wrong coordinates.
+    """
+    return tuple(p.data_ptr() for p in bucket.parameters())
+
+
+def _plain(state: CompressionHookState, x: torch.Tensor, key: tuple) -> torch.futures.Future:
+    """Uncompressed all-reduce of an already averaged bucket (residual flushed by the identity codec)."""
+    payload = state.compressor.plain.encode(x, state.compressor.state(key))
+    wire = payload.tensors[0]
+    state.payload_bytes += payload.nbytes
+    return state.all_reduce(wire).then(lambda f: f.value()[0])
+
+
+def codec_hook(state: CompressionHookState, bucket):  # no annotations: DDP compares them to real types
+    """fp16 / bf16 / int8 / top-k hook: encode the averaged bucket, exchange, decode."""
+    buf = bucket.buffer()
+    x = buf.div(state.world)
+    key = bucket_key(bucket)
+    comp = state.compressor
+    state.step_compressed = comp.active
+    if not comp.active:
+        return _plain(state, x, key)
+    payload = comp.encode(key, x, segments=[g.numel() for g in bucket.gradients()])
+    state.payload_bytes += payload.nbytes
+    if payload.codec in ("fp16", "bf16"):
+        wire = payload.tensors[0]
+
+        def cast_back(fut: torch.futures.Future) -> torch.Tensor:
+            summed = Payload(payload.codec, payload.shape, payload.dtype, [fut.value()[0]])
+            return buf.copy_(decode(summed))
+
+        return state.all_reduce(wire).then(cast_back)
+    gathered, fut = state.all_gather(pack(payload.tensors))
+
+    def decode_sum(_: torch.futures.Future) -> torch.Tensor:
+        out = torch.zeros_like(buf)
+        for g in gathered:
+            p = Payload(payload.codec, payload.shape, payload.dtype, unpack(g, payload.tensors), payload.info)
+            out += decode(p)
+        return buf.copy_(out)
+
+    return fut.then(decode_sum)
+
+
+def powersgd_hook(state: CompressionHookState, bucket):  # no annotations (see codec_hook)
+    """PowerSGD over the bucket's matrices: two all-reduces (P, then Q) per bucket."""
+    buf = bucket.buffer()
+    key = bucket_key(bucket)
+    comp = state.compressor
+    state.step_compressed = comp.active
+    x = buf.div(state.world)
+    if not comp.active:
+        return _plain(state, x, key)
+    st = comp.state(key)
+    ef = st.error_feedback
+    if ef and st.residual is not None and st.residual.shape == x.shape:
+        x += st.residual
+    rank = comp.codec.rank
+    mats, raw = [], []  # (offset, n, m, r) and (offset, numel)
+    off = 0
+    for g in bucket.gradients():
+        numel = g.numel()
+        if powersgd_applies(tuple(g.shape), rank):
+            n, m = matrix_shape(tuple(g.shape))
+            mats.append((off, n, m, min(rank, n, m)))
+        else:
+            raw.append((off, numel))
+        off += numel
+    qs = state.qs.get(key)
+    if qs is None or len(qs) != len(mats) or not all(
+            valid_q(q, m, r) for q, (_, _, m, r) in zip(qs, mats, strict=True)):
+        qs = [initial_q(m, r, seed=1000 * bucket.index() + i).to(x.device) for i, (_, _, m, r) in enumerate(mats)]
+    ms = [x[o:o + n * m].view(n, m) for o, n, m, _ in mats]
+    first = torch.cat([(mat @ q).reshape(-1) for mat, q in zip(ms, qs, strict=True)]
+                      + [x[o:o + k] for o, k in raw]) if (mats or raw) else x[:0]
+    state.payload_bytes += first.numel() * first.element_size()
+    state.all_reduce(first).wait()
+    ps, pos = [], 0
+    for _, n, _, r in mats:
+        ps.append(orthonormalize(first[pos:pos + n * r].view(n, r)))
+        pos += n * r
+    q_local = [mat.t() @ p for mat, p in zip(ms, ps, strict=True)]
+    if ef:
+        residual = x.clone()
+        for (o, n, m, _), p, q in zip(mats, ps, q_local, strict=True):
+            residual[o:o + n * m] -= (p @ q.t()).reshape(-1)
+        for o, k in raw:
+            residual[o:o + k] = 0
+        st.residual = residual
+    second = torch.cat([q.reshape(-1) for q in q_local]) if q_local else x[:0]
+    state.payload_bytes += second.numel() * second.element_size()
+
+    def decompress(fut: torch.futures.Future) -> torch.Tensor:
+        qsum = fut.value()[0]
+        new_qs, qpos = [], 0
+        for (o, n, m, r), p in zip(mats, ps, strict=True):
+            q = qsum[qpos:qpos + m * r].view(m, r).clone()
+            qpos += m * r
+            buf[o:o + n * m].copy_((p @ q.t()).reshape(-1))
+            new_qs.append(q)
+        state.qs[key] = new_qs
+        rpos = pos
+        for o, k in raw:
+            buf[o:o + k].copy_(first[rpos:rpos + k])
+            rpos += k
+        return buf
+
+    if not mats:
+        fut = torch.futures.Future()
+        fut.set_result([second])
+        return fut.then(decompress)
+    return state.all_reduce(second).then(decompress)
+
+
+def register_compression_hook(ddp: DDP, strategy: Any) -> CompressionHookState:
+    """Register the hook for ``strategy.cfg.compression.gradient`` on ``ddp``; return its state."""
+    state = CompressionHookState(strategy)
+    hook = powersgd_hook if state.compressor.name == "powersgd" else codec_hook
+    ddp.register_comm_hook(state, hook)
+    return state

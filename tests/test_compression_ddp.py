@@ -1,0 +1,213 @@
+"""Compressed gradients on the all-reduce path (DDP hooks) and, when present, the parameter server.
+
+``test_hooks_*`` starts two gloo processes (this file run as a script) that train a tiny
+MLP under DDP with every codec in turn; the end-to-end tests run ``paratrain`` itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CODECS = ["fp16", "bf16", "int8", "topk", "powersgd"]
+TINY = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.d_ff=64",
+        "--data.seq_len=32", "--data.batch_size=4", "--train.steps=20", "--train.warmup_steps=2",
+        "--train.log_every=1", "--train.eval_every=0", "--train.eval_batches=2", "--checkpoint.keep=0"]
+
+
+# ---- the worker (run as: python test_compression_ddp.py RANK WORLD PORT OUT) ------------------------
+def _expected_bytes(codec: str, params, world: int, ratio: float, rank: int, chunk: int) -> int:
+    """Bytes one rank sends per step for one bucket holding ``params`` (docs/compression.md)."""
+    from paratrain.compression.codecs import matrix_shape, powersgd_applies, topk_count
+    from paratrain.parallel.data_parallel import ring_allreduce_bytes
+
+    n = sum(p.numel() for p in params)
+    if codec == "none":
+        return ring_allreduce_bytes(4 * n, world)
+    if codec in ("fp16", "bf16"):
+        return ring_allreduce_bytes(2 * n, world)
+    if codec == "int8":
+        return (world - 1) * (n + 4 * math.ceil(n / chunk))
+    if codec == "topk":  # k per tensor of the bucket
+        return (world - 1) * 8 * sum(topk_count(p.numel(), ratio) for p in params)
+    first = second = 0
+    for p in params:
+        if powersgd_applies(tuple(p.shape), rank):
+            rows, cols = matrix_shape(tuple(p.shape))
+            r = min(rank, rows, cols)
+            first, second = first + rows * r, second + cols * r
+        else:
+            first += p.numel()
+    return ring_allreduce_bytes(4 * first, world) + ring_allreduce_bytes(4 * second, world)
+
+
+def _train_one(codec: str, rank: int, world: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from paratrain.compression.hooks import register_compression_hook
+    from paratrain.config import Config
+    from paratrain.parallel.dims import ParallelDims
+
+    class Strat:  # the part of a Strategy the hooks use
+        def __init__(self):
+            self.cfg = Config.load(overrides=[f"--compression.gradient={codec}", "--compression.topk_ratio=0.05",
+                                              "--compression.int8_chunk=64", "--compression.powersgd_rank=2",
+                                              "--compression.fallback_window=3", "--compression.fallback_steps=2"])
+            self.dims = ParallelDims(world_size=world, rank=rank, dp=world)
+            self.comm_bytes = 0
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 48), torch.nn.Tanh(), torch.nn.Linear(48, 4))
+    target = torch.nn.Linear(16, 4)
+    strat = Strat()
+    ddp = DDP(model, gradient_as_bucket_view=True)
+    state = register_compression_hook(ddp, strat) if codec != "none" else None
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(100 + rank)
+    losses, nbytes, compressed = [], [], []
+    for step in range(40):
+        x = torch.randn(32, 16, generator=gen)
+        with torch.no_grad():
+            y = target(x)
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        nbytes.append(strat.comm_bytes)
+        strat.comm_bytes = 0
+        compressed.append(state.step_compressed if state else False)
+        # the safeguard: steady losses, then one spike at step 30 -> 2 uncompressed steps
+        if state is not None:
+            fake = 5.0 if step == 30 else 1.0
+            state.observe_loss(torch.tensor(fake, dtype=torch.float64), n_global=world)
+        t = loss.detach().reshape(1).clone()
+        dist.all_reduce(t)
+        losses.append(float(t) / world)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    others = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(others, flat)
+    params = list(model.parameters())
+    return {
+        "losses": losses, "bytes": nbytes, "compressed": compressed,
+        "replicas_equal": all(torch.equal(o, flat) for o in others),
+        "expected": _expected_bytes(codec, params, world, 0.05, 2, 64),
+        "expected_fp32": _expected_bytes("none", params, world, 0, 0, 0),
+        "summary": state.summary() if state else {},
+    }
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {c: _train_one(c, rank, world) for c in ["none", *CODECS]}
+        if rank == 0:
+            Path(out).write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def hook_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("hooks") / "results.json"
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", str(port), str(out)], env=env)
+             for r in range(2)]
+    try:
+        for p in procs:
+            assert p.wait(timeout=120) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_hooks_train_and_count_bytes(hook_results, codec):
+    r, base = hook_results[codec], hook_results["none"]
+    losses = r["losses"]
+    assert r["replicas_equal"]
+    assert sum(losses[-5:]) < 0.3 * sum(losses[:5]), losses
+    if codec != "topk":  # top-k 5% converges visibly slower in 30 steps; the others track fp32
+        assert losses[29] < 1.2 * base["losses"][29] + 0.02, (losses[29], base["losses"][29])
+    # bytes handed to the collectives == what the codec's payload sizes predict, every compressed step
+    assert r["bytes"][5] == r["expected"] and r["expected"] < r["expected_fp32"]
+    assert all(b == r["expected"] for b, c in zip(r["bytes"], r["compressed"], strict=True) if c)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_hooks_safeguard_falls_back_on_every_rank(hook_results, codec):
+    r = hook_results[codec]
+    # the spike is observed after step 30: steps 31, 32 go uncompressed (fp32 all-reduce), then back
+    assert r["compressed"][:31] == [True] * 31 and r["compressed"][31:33] == [False, False]
+    assert r["compressed"][33:] == [True] * 7
+    assert r["bytes"][31] == r["bytes"][32] == r["expected_fp32"]
+    assert r["summary"]["compression_fallbacks"] == 1 and r["summary"]["uncompressed_steps"] == 2
+
+
+def _launch(tmp_path: Path, name: str, extra: list[str]) -> tuple[dict, list[dict]]:
+    from paratrain.config import Config
+    from paratrain.train.launch import launch
+
+    cfg = Config.load(overrides=[*TINY, f"--run.dir={tmp_path / name}", *extra])
+    summary = launch(cfg)
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return summary, [json.loads(ln) for ln in lines]
+
+
+def test_paratrain_ddp_topk(tmp_path):
+    """End to end (one launch: each costs ~10-20 s here; the hook tests cover every codec)."""
+    summary, metrics = _launch(tmp_path, "topk", ["--parallel.nproc=2", "--compression.gradient=topk"])
+    assert summary["status"] == "ok", summary
+    assert summary["compression"] == "topk" and summary["compression_fallbacks"] == 0
+    # all-gather of ceil(1% numel) (fp32 value, int32 index) pairs per tensor, to 1 peer
+    from paratrain.compression.codecs import topk_count
+    from paratrain.config import Config
+    from paratrain.data.tokenizer import ByteTokenizer
+    from paratrain.models import build_model
+
+    model = build_model(Config.load(overrides=TINY).model, ByteTokenizer.vocab_size, 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in params) == summary["params"]
+    assert summary["comm_bytes_per_step"] == 8 * sum(topk_count(p.numel(), 0.01) for p in params)
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < losses[0] - 0.5 and all(m["compressed"] for m in metrics if "loss" in m)
+
+
+def test_paratrain_ps_compressed(tmp_path):
+    pytest.importorskip("paratrain.ps.strategy")
+    summary, metrics = _launch(tmp_path, "ps-topk", ["--parallel.nproc=2", "--parallel.sync=ps",
+                                                     "--compression.gradient=topk"])
+    assert summary["status"] == "ok", summary
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < losses[0] - 0.5
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
