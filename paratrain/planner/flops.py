@@ -1,0 +1,228 @@
+"""Model description, parameter counts and FLOPs (Megatron / Korthikanti / PaLM accounting).
+
+Notation follows the papers: ``l`` layers, ``h`` hidden size, ``a`` heads, ``s`` sequence
+length, ``V`` vocabulary, ``B`` sequences per iteration (global batch).
+
+* Parameters of a GPT (Narayanan et al. 2021, eq. 2)::
+
+      P = 12 l h^2 (1 + 13/(12h) + (V + s)/(12 l h))
+
+* Model FLOPs per iteration (Narayanan et al. 2021, eq. 3; Korthikanti et al. 2022, eq. 7)::
+
+      F = 72 B s l h^2 (1 + s/(6h) + V/(12 l h))
+
+  and with full activation recomputation (one more forward pass of every layer, not of
+  the LM head) the hardware does ``96 B s l h^2 (1 + s/(6h) + V/(16 l h))``, i.e. 4/3 of
+  the layer FLOPs.  Selective recomputation (Korthikanti et al., eq. 8) re-runs only the
+  attention-score products, adding their forward cost ``4 B s^2 h`` per layer.
+
+* MFU (PaLM, Chowdhery et al. 2022, App. B) counts model FLOPs only; HFU counts what the
+  hardware executed, recomputation included.
+
+Nothing here imports torch: the planner stays a pure calculator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+BYTE_VOCAB = 261  # vocab_size = 0 in a paratrain config means the byte tokenizer's 261 symbols
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A Transformer as the planner sees it (one of paratrain's ``gpt | seq2seq | bert``).
+
+    ``seq`` is the training sequence length; ``max_seq`` sizes learned position tables
+    (defaults to ``seq``).  For ``seq2seq`` ``n_layer`` counts encoder layers and
+    ``n_dec_layer`` decoder layers (0: same as the encoder); source and target are ``seq``.
+    """
+
+    name: str
+    arch: str
+    n_layer: int
+    d_model: int
+    n_head: int
+    vocab: int
+    seq: int
+    d_ff: int = 0  # 0: 4 * d_model
+    max_seq: int = 0  # 0: seq
+    n_dec_layer: int = 0
+    tied: bool = True
+    dropout: bool = True  # dropout masks are part of the activations (paper assumption)
+
+    @property
+    def ff(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def pos(self) -> int:
+        return self.max_seq or self.seq
+
+    @property
+    def n_dec(self) -> int:
+        return (self.n_dec_layer or self.n_layer) if self.arch == "seq2seq" else 0
+
+    @property
+    def total_layers(self) -> int:
+        """Layers a pipeline splits (encoder + decoder for seq2seq)."""
+        return self.n_layer + self.n_dec
+
+    def with_(self, **kw: Any) -> ModelSpec:
+        return replace(self, **kw)
+
+    # ---- parameters -------------------------------------------------------------------------
+    def layer_params(self, decoder: bool = False) -> int:
+        """Parameters of one block as paratrain builds it (linears with biases, 2-3 LayerNorms)."""
+        h, f = self.d_model, self.ff
+        attn = 4 * h * h + 4 * h
+        mlp = 2 * h * f + f + h
+        n = attn + mlp + 4 * h
+        if decoder:
+            n += attn + 2 * h  # cross-attention and its LayerNorm
+        return n
+
+    def embedding_params(self) -> int:
+        """Token table (+ learned positions for gpt/bert; seq2seq uses fixed sinusoids)."""
+        h = self.d_model
+        return self.vocab * h + (self.pos * h if self.arch in ("gpt", "bert") else 0)
+
+    def head_params(self) -> int:
+        """Final LayerNorm(s), untied LM head, and BERT's MLM transform."""
+        h = self.d_model
+        n = 2 * h * (2 if self.arch == "seq2seq" else 1)
+        if not self.tied:
+            n += self.vocab * h
+        if self.arch == "bert":
+            n += h * h + h + 2 * h + self.vocab  # mlm_dense, mlm_norm, lm_head bias
+        return n
+
+    @property
+    def params(self) -> int:
+        """Exact parameter count of paratrain's model of this shape (tied weights counted once)."""
+        layers = self.n_layer * self.layer_params() + self.n_dec * self.layer_params(decoder=True)
+        return layers + self.embedding_params() + self.head_params()
+
+    # ---- FLOPs ------------------------------------------------------------------------------
+    def matmul_params(self) -> int:
+        """Weights that take part in matrix multiplies (per token, forward = 2x this)."""
+        h, f = self.d_model, self.ff
+        per = 4 * h * h + 2 * h * f
+        n = self.n_layer * per + self.n_dec * (per + 4 * h * h) + self.vocab * h
+        if self.arch == "bert":
+            n += h * h
+        return n
+
+    def attn_layers(self) -> int:
+        """Score/value products a (target) token takes part in: decoder layers pay twice."""
+        return self.n_layer + 2 * self.n_dec
+
+    def flops_per_token(self, recompute: str = "none") -> float:
+        """Training FLOPs per token: ``6 N_matmul + 12 h s n_attn`` (PaLM) plus recomputation."""
+        h, s = self.d_model, self.seq
+        base = 6.0 * self.matmul_params() + 12.0 * h * s * self.attn_layers()
+        if recompute == "full":
+            layer_fwd = 2.0 * (self.matmul_params() - self.vocab * h) + 4.0 * h * s * self.attn_layers()
+            return base + layer_fwd
+        if recompute == "selective":
+            return base + 4.0 * h * s * self.attn_layers()
+        if recompute != "none":
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+        return base
+
+
+def model_flops_per_token(arch: str, n_layer: int, d_model: int, d_ff: int, vocab_size: int, seq_len: int,
+                          n_dec_layer: int = 0, recompute: str = "none") -> float:
+    """Training FLOPs per (target) token of a paratrain model (``gpt | seq2seq | bert``).
+
+    Model FLOPs (for MFU) with ``recompute = "none"``; hardware FLOPs (for HFU) otherwise.
+    ``vocab_size = 0`` means the byte tokenizer (261).  This is what the trainer should
+    multiply by tokens/s and divide by peak FLOP/s to report MFU.
+    """
+    spec = ModelSpec("model", arch, n_layer, d_model, 1, vocab_size or BYTE_VOCAB, seq_len, d_ff=d_ff,
+                     n_dec_layer=n_dec_layer)
+    return spec.flops_per_token(recompute)
+
+
+def spec_from_config(cfg: Any, name: str = "config") -> ModelSpec:
+    """The :class:`ModelSpec` of a :class:`paratrain.config.Config` (its model and data sections)."""
+    m, d = cfg.model, cfg.data
+    return ModelSpec(name, m.arch, m.n_layer, m.d_model, m.n_head, m.vocab_size or BYTE_VOCAB, d.seq_len,
+                     d_ff=m.d_ff, max_seq=m.max_seq_len, n_dec_layer=m.n_dec_layer,
+                     tied=m.tie_embeddings, dropout=m.dropout > 0)
+
+
+# ---- the papers' closed forms ---------------------------------------------------------------------
+
+
+def gpt_params(l: int, h: int, V: int, s: int) -> float:  # noqa: E741 - paper notation
+    """P = 12 l h^2 (1 + 13/(12h) + (V + s)/(12 l h)) (Narayanan et al. 2021)."""
+    return 12.0 * l * h * h * (1 + 13 / (12 * h) + (V + s) / (12 * l * h))
+
+
+def megatron_flops(B: int, s: int, l: int, h: int, V: int, recompute: str = "none") -> float:  # noqa: E741
+    """FLOPs per iteration of a GPT with ``B`` sequences (forward + backward).
+
+    ``none``: 72 B s l h^2 (1 + s/(6h) + V/(12 l h)) (model FLOPs);
+    ``full``: 96 B s l h^2 (1 + s/(6h) + V/(16 l h));
+    ``selective``: the model FLOPs plus one more forward of the attention scores (4 B s^2 h l).
+    """
+    if recompute == "full":
+        return 96.0 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
+    base = 72.0 * B * s * l * h * h * (1 + s / (6 * h) + V / (12 * l * h))
+    if recompute == "selective":
+        return base + 4.0 * B * s * s * h * l
+    if recompute != "none":
+        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+    return base
+
+
+def mfu(model_flops: float, step_time_s: float, n_devices: int, peak_flops: float) -> float:
+    """Model FLOPs utilization: model FLOPs per second over the devices' peak (PaLM)."""
+    return model_flops / (step_time_s * n_devices * peak_flops)
+
+
+def hfu(hardware_flops: float, step_time_s: float, n_devices: int, peak_flops: float) -> float:
+    """Hardware FLOPs utilization: executed FLOPs (recomputation included) over peak."""
+    return hardware_flops / (step_time_s * n_devices * peak_flops)
+
+
+def throughput_mfu(flops_per_token: float, tokens_per_s: float, n_devices: int, peak_flops: float) -> float:
+    """MFU from a measured throughput: ``flops_per_token * tokens_per_s / (n_devices * peak)``
+    (pass :func:`model_flops_per_token` with ``recompute="none"``; with recomputation it is HFU)."""
+    return flops_per_token * tokens_per_s / (n_devices * peak_flops)
+
+
+def training_days(tokens: float, params: float, n_devices: int, flops_per_device: float,
+                  recompute: bool = True) -> float:
+    """End-to-end training time ~ 8 T P / (n X) with recomputation, 6 T P / (n X) without
+    (Narayanan et al. 2021, eq. 4), in days."""
+    k = 8.0 if recompute else 6.0
+    return k * tokens * params / (n_devices * flops_per_device) / 86400.0
+
+
+# ---- presets ---------------------------------------------------------------------------------------
+
+def _gpt(name: str, l: int, h: int, a: int, s: int = 2048, V: int = 50257) -> ModelSpec:  # noqa: E741
+    return ModelSpec(name, "gpt", l, h, a, V, s)
+
+
+# name -> (model, default global batch in sequences)
+PRESETS: dict[str, tuple[ModelSpec, int]] = {
+    "gpt2-small": (_gpt("gpt2-small", 12, 768, 12, 1024), 512),
+    "gpt2-medium": (_gpt("gpt2-medium", 24, 1024, 16, 1024), 512),
+    "gpt2-large": (_gpt("gpt2-large", 36, 1280, 20, 1024), 512),
+    "gpt2-xl": (_gpt("gpt2-xl", 48, 1600, 25, 1024), 512),
+    "gpt3-1.3b": (_gpt("gpt3-1.3b", 24, 2048, 16), 512),
+    "gpt3-2.7b": (_gpt("gpt3-2.7b", 32, 2560, 32), 512),
+    "gpt3-6.7b": (_gpt("gpt3-6.7b", 32, 4096, 32), 1024),
+    "gpt3-13b": (_gpt("gpt3-13b", 40, 5120, 40), 1024),
+    "gpt3-175b": (_gpt("gpt3-175b", 96, 12288, 96), 1536),
+    "gpt-1t": (_gpt("gpt-1t", 128, 25600, 160), 3072),
+    "bert-base": (ModelSpec("bert-base", "bert", 12, 768, 12, 30522, 512), 256),
+    "bert-large": (ModelSpec("bert-large", "bert", 24, 1024, 16, 30522, 512), 256),
+    "t5-small": (ModelSpec("t5-small", "seq2seq", 6, 512, 8, 32128, 512, d_ff=2048), 128),
+    "t5-base": (ModelSpec("t5-base", "seq2seq", 12, 768, 12, 32128, 512, d_ff=3072), 128),
+}

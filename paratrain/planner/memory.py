@@ -1,0 +1,122 @@
+"""Memory per rank: model states (DDP, ZeRO 1/2/3) and activations (Korthikanti et al. 2022).
+
+Model states (Rajbhandari et al. 2020, "ZeRO", section 3 and figure 1), for Ψ parameters
+on N data-parallel ranks, mixed-precision Adam (16-bit params and grads, K = 12 bytes of
+fp32 master weights, momentum and variance per parameter):
+
+    DDP 16Ψ;  ZeRO-1 4Ψ + 12Ψ/N;  ZeRO-2 2Ψ + 14Ψ/N;  ZeRO-3 16Ψ/N
+
+The fp32 variants keep 4-byte params and grads and K = 8 (Adam's two moments; no master
+copy), and SGD with momentum has K = 4 (fp32) or 8 (mixed: master + momentum).
+
+Activations per Transformer layer (Korthikanti et al. 2022, section 4, 16-bit activations,
+1-byte dropout masks, ``t``-way tensor parallelism):
+
+    no parallelism          s b h (34 + 5 a s / h)
+    tensor parallel         s b h (10 + 24/t + 5 a s / (h t))
+    + sequence parallel     s b h (34/t + 5 a s / (h t))
+    + selective recompute   s b h 34/t
+    full recompute          2 s b h   (only the layer input)
+
+:func:`activation_bytes_per_layer` derives these from the tensors a layer keeps, so it
+also covers fp32, no dropout, fused (flash) attention and a d_ff other than 4h.
+"""
+
+from __future__ import annotations
+
+import math
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def optimizer_state_bytes(optimizer: str = "adamw", precision: str = "bf16") -> int:
+    """K: optimizer bytes per parameter (fp32 master copy included in mixed precision)."""
+    mixed = precision != "fp32"
+    moments = 8 if optimizer.startswith("adam") else 4  # Adam: m, v; SGD: momentum
+    return moments + (4 if mixed else 0)
+
+
+def zero_model_states(psi: float, n: int, stage: int, k: int = 12, param_bytes: int = 2,
+                      grad_bytes: int = 2) -> float:
+    """Bytes of params + grads + optimizer state per rank for ZeRO ``stage`` (0 = DDP)."""
+    p, g, o = param_bytes * psi, grad_bytes * psi, k * psi
+    if stage == 0:
+        return p + g + o
+    if stage == 1:
+        return p + g + o / n
+    if stage == 2:
+        return p + (g + o) / n
+    if stage == 3:
+        return (p + g + o) / n
+    raise ValueError(f"ZeRO stage must be 0..3, got {stage}")
+
+
+def activation_bytes_per_layer(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                               recompute: str = "none", elem_bytes: int = 2, dropout: bool = True,
+                               flash: bool = False, ffn_mult: float = 4.0) -> float:
+    """Activation bytes one Transformer layer keeps for its backward pass.
+
+    The tensors (in units of ``s b h`` elements of ``elem_bytes`` each, ``f = ffn_mult``):
+    LayerNorm inputs 2; QKV input 1; Q, K 2 and V 1; output-projection input 1; MLP input 1,
+    GeLU input f, fc2 input f; plus 1-byte dropout masks after attention and MLP (2 s b h
+    bytes) and, without fused attention, the a s^2 b score tensors (softmax output, its
+    dropout mask and output: 5 a s^2 b bytes at 16 bits).  Tensor parallelism splits Q, K,
+    V, the output-projection input, the GeLU and fc2 inputs and the scores over ``t``;
+    sequence parallelism splits the rest too.  With the paper's defaults (2 bytes,
+    dropout, f = 4, unfused attention) this reproduces its five formulas exactly.
+    """
+    sbh = float(s) * b * h
+    e = float(elem_bytes)
+    mask = 1.0 if dropout else 0.0
+    if recompute == "full":
+        return e * sbh / (t if sp else 1)
+    replicated = e * (2 + 1 + 1) + 2 * mask  # LN inputs, QKV input, MLP input, 2 dropout masks
+    split = e * (3 + 1 + 2 * ffn_mult)  # Q K V, out-proj input, GeLU input, fc2 input
+    if flash:
+        split += e  # a fused kernel keeps its output for backward
+        scores = 0.0
+    else:
+        scores = (e + (mask + e if dropout else 0.0)) * a * s / h  # softmax out (+ mask + dropout out)
+    if recompute == "selective":
+        scores = 0.0
+    elif recompute != "none":
+        raise ValueError(f"recompute must be none | selective | full, got {recompute!r}")
+    if sp:
+        return sbh * (replicated + split + scores) / t
+    return sbh * (replicated + (split + scores) / t)
+
+
+def pipeline_inflight(pp: int, m: int, schedule: str = "1f1b", v: int = 1) -> float:
+    """Micro-batches whose activations the first pipeline stage holds at its peak.
+
+    1F1B: ``min(p, m)``; interleaved with ``v`` chunks per stage: ``p (1 + (p-1)/(p m))``;
+    GPipe: all ``m``.  Without pipelining, one.
+    """
+    if pp <= 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(m)
+    base = float(min(pp, m))
+    if schedule == "interleaved" and v > 1:
+        return base * (1 + (pp - 1) / (pp * m))
+    return base
+
+
+def embedding_activation_bytes(s: int, b: int, h: int, vocab: int, t: int = 1, elem_bytes: int = 2,
+                               logits_bytes: int = 4) -> float:
+    """Output-layer activations on the last stage: final LayerNorm input, LM-head input and the
+    logits with their gradient (``logits_bytes`` each; cross-entropy runs in fp32)."""
+    return 2.0 * elem_bytes * s * b * h + 2.0 * logits_bytes * s * b * vocab / t
+
+
+def gib(nbytes: float) -> float:
+    return nbytes / float(1 << 30)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def layers_per_stage(n_layers: int, pp: int) -> int:
+    """Layers on the fullest pipeline stage."""
+    return math.ceil(n_layers / pp)

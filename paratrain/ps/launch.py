@@ -1,0 +1,308 @@
+"""Starting a parameter-server job: local servers + workers, or roles by rank under torchrun.
+
+Local (``paratrain train`` with ``parallel.sync = "ps"``): :func:`local_servers` starts
+``ps.servers`` server processes (restarting any that dies, from its newest checkpoint of this
+job) and puts their endpoints and the shared secret into the environment; :func:`launch_local`
+starts ``parallel.nproc`` workers itself rather than through torch's elastic agent, because
+the agent stops every worker when one fails -- here a dead worker is dropped and the rest go
+on (``parallel.max_restarts`` > 0 restarts it; it rejoins and pulls fresh parameters).
+
+torchrun (multi-host, same config everywhere): ranks ``0 .. ps.servers-1`` are servers, the
+rest are workers (worker rank = RANK - ps.servers).  Servers publish their address in the
+rendezvous store torchrun already runs; ``ps.secret`` (or ``PARATRAIN_PS_SECRET``) must be
+set to the same value on every node, and ``ps.bind`` to an address other hosts can reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from paratrain.config import Config, ConfigError
+from paratrain.ps.strategy import ENDPOINTS_ENV, SECRET_ENV
+
+MAX_SERVER_RESTARTS = 10
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _pdeathsig() -> None:  # runs in the child before exec: die with the launcher
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def free_ports(host: str, n: int) -> list[int]:
+    """``n`` TCP ports free on ``host`` right now (bound and released together)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _connect_host(bind: str) -> str:
+    return "127.0.0.1" if bind in ("0.0.0.0", "*", "::", "") else bind
+
+
+def resume_source(cfg: Config) -> Path | None:
+    """The checkpoint the trainer will resume from (so servers start from the same one)."""
+    from paratrain.train import checkpoint as ckpt
+
+    if cfg.checkpoint.path:
+        return Path(cfg.checkpoint.path)
+    if cfg.checkpoint.resume:
+        return ckpt.latest(cfg.run_dir / "checkpoints")
+    return None
+
+
+class ServerGroup:
+    """The local server processes of one job, restarted when they die."""
+
+    def __init__(self, cfg: Config, n_workers: int, secret: str):
+        ps = cfg.ps
+        self.cfg, self.n_workers, self.secret = cfg, n_workers, secret
+        self.run_dir = cfg.run_dir.resolve()
+        self.job_id = uuid.uuid4().hex[:12]
+        self.initial = resume_source(cfg)
+        (self.run_dir / "ps").mkdir(parents=True, exist_ok=True)
+        self.tmp = None
+        if ps.transport == "ipc":
+            self.tmp = tempfile.mkdtemp(prefix="paratrain-ps-")
+            os.chmod(self.tmp, 0o700)
+            self.bind = [f"ipc://{self.tmp}/server{i}.sock" for i in range(ps.servers)]
+            self.endpoints = list(self.bind)
+        else:
+            if ps.bind not in LOOPBACK:
+                print(f"paratrain: warning: parameter servers listen on {ps.bind} (ps.bind), not loopback",
+                      file=sys.stderr)
+            host = _connect_host(ps.bind)
+            ports = [ps.port + i for i in range(ps.servers)] if ps.port else free_ports(host, ps.servers)
+            self.bind = [f"tcp://{ps.bind}:{p}" for p in ports]
+            self.endpoints = [f"tcp://{host}:{p}" for p in ports]
+        self.procs: list[subprocess.Popen | None] = [None] * ps.servers
+        self.restarts = [0] * ps.servers
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self._monitor = threading.Thread(target=self._watch, name="ps-servers", daemon=True)
+
+    def start(self) -> None:
+        for i in range(len(self.procs)):
+            self._spawn(i)
+        self._monitor.start()
+
+    def _spawn(self, i: int) -> None:
+        log = self.run_dir / "ps" / f"server{i}.log"
+        cmd = [sys.executable, "-m", "paratrain.ps.serve", "--config", str(self.run_dir / "config.toml"),
+               "--index", str(i), "--endpoint", self.bind[i], "--workers", str(self.n_workers),
+               "--servers", str(len(self.procs)), "--restart-count", str(self.restarts[i]),
+               "--resume", str(self.initial or ""), "--job-id", self.job_id, "--log", str(log)]
+        env = dict(os.environ, **{SECRET_ENV: self.secret, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+        with open(log, "ab") as out:
+            self.procs[i] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=out,
+                                             preexec_fn=_pdeathsig)
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(0.1):
+            with self.lock:
+                for i, p in enumerate(self.procs):
+                    code = p.poll() if p is not None else None
+                    if code is None or self.stopping.is_set():
+                        continue
+                    if self.restarts[i] >= MAX_SERVER_RESTARTS:
+                        self.procs[i] = None
+                        print(f"paratrain: parameter server {i} died {self.restarts[i] + 1} times; giving up",
+                              file=sys.stderr)
+                        continue
+                    self.restarts[i] += 1
+                    why = f"signal {-code}" if code < 0 else f"exit code {code}"
+                    print(f"paratrain: parameter server {i} died ({why}); restarting it from its latest checkpoint",
+                          file=sys.stderr)
+                    self._spawn(i)
+
+    def stop(self) -> None:
+        """Terminate every server (SIGTERM, then SIGKILL after 3 s); idempotent."""
+        self.stopping.set()
+        with self.lock:
+            procs = [p for p in self.procs if p is not None]
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            deadline = time.monotonic() + 3.0
+            for p in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=max(0.01, deadline - time.monotonic()))
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_servers(cfg: Config, n_workers: int | None = None) -> Iterator[ServerGroup]:
+    """Run the job's parameter servers for the duration of the block.
+
+    The shared secret (``ps.secret``, or a fresh random one) and the endpoints go to the
+    workers through ``PARATRAIN_PS_SECRET`` / ``PARATRAIN_PS_ENDPOINTS`` (never the run dir)."""
+    secret = cfg.ps.secret or secrets.token_hex(32)
+    group = ServerGroup(cfg, n_workers or cfg.parallel.nproc, secret)
+    saved = {k: os.environ.get(k) for k in (SECRET_ENV, ENDPOINTS_ENV)}
+    os.environ[SECRET_ENV] = secret
+    os.environ[ENDPOINTS_ENV] = ",".join(group.endpoints)
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---- local workers --------------------------------------------------------------------------------
+def _spawn_worker(config_path: Path, rank: int, world: int, restart: int) -> subprocess.Popen:
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+               LOCAL_WORLD_SIZE=str(world), TORCHELASTIC_RESTART_COUNT=str(restart))
+    return subprocess.Popen([sys.executable, "-m", "paratrain.train.worker", str(config_path)], env=env,
+                            preexec_fn=_pdeathsig)
+
+
+def _why(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def launch_local(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Servers + ``parallel.nproc`` workers on this machine; returns rank 0's summary."""
+    from paratrain.train.trainer import write_summary
+
+    t0 = float(os.environ.get("PARATRAIN_START_TIME", time.time()))
+    world, max_restarts = cfg.parallel.nproc, cfg.parallel.max_restarts
+    config_path = run_dir / "config.toml"
+    failures: dict[int, str] = {}
+    procs: dict[int, subprocess.Popen] = {}
+    with local_servers(cfg, world):
+        try:
+            procs = {r: _spawn_worker(config_path, r, world, 0) for r in range(world)}
+            restarts = dict.fromkeys(range(world), 0)
+            while procs:
+                time.sleep(0.1)
+                for r, p in list(procs.items()):
+                    code = p.poll()
+                    if code is None:
+                        continue
+                    del procs[r]
+                    if code == 0:
+                        continue
+                    if restarts[r] < max_restarts:
+                        restarts[r] += 1
+                        print(f"paratrain: worker {r} {_why(code)}; restarting it ({restarts[r]}/{max_restarts})",
+                              file=sys.stderr)
+                        procs[r] = _spawn_worker(config_path, r, world, restarts[r])
+                        continue
+                    failures[r] = _why(code)
+                    if r == 0:  # rank 0 reports the run: without it the job cannot finish cleanly
+                        break
+                    print(f"paratrain: worker {r} {failures[r]}; the others go on without it", file=sys.stderr)
+                if 0 in failures:
+                    break
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    summary_path = run_dir / "summary.json"
+    if 0 in failures or not summary_path.exists():
+        why = "; ".join(f"rank {r}: {f}" for r, f in sorted(failures.items())) or "no summary written"
+        summary = {"status": "error", "error": f"worker failed: {why}", "wall_s": time.time() - t0}
+        write_summary(run_dir, summary)
+        return summary
+    summary = json.loads(summary_path.read_text())
+    if failures:
+        summary["ps_failed_workers"] = {str(r): f for r, f in sorted(failures.items())}
+        write_summary(run_dir, summary)
+    return summary
+
+
+# ---- torchrun ------------------------------------------------------------------------------------
+def _advertise_host(master: str) -> str:
+    """This host's address as seen on the route to the rendezvous master."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((master, 9))
+        return s.getsockname()[0]
+    return socket.gethostbyname(socket.gethostname())
+
+
+def run_torchrun_role(cfg: Config) -> dict[str, Any]:
+    """Under torchrun: be server ``RANK`` (< ps.servers) or worker ``RANK - ps.servers``."""
+    import torch.distributed as dist
+
+    from paratrain.ps.server import ParameterServer
+    from paratrain.train.trainer import run_worker
+
+    rank, world, n_servers = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg.ps.servers
+    if world <= n_servers:
+        raise ConfigError(f"under torchrun, parallel.sync = 'ps' needs more processes than ps.servers "
+                          f"({world} <= {n_servers}): ranks 0..{n_servers - 1} are servers, the rest workers")
+    secret = os.environ.get(SECRET_ENV, "") or cfg.ps.secret
+    if len(secret) < 16:
+        raise ConfigError(f"under torchrun set ps.secret (or {SECRET_ENV}) to the same value of at least "
+                          "16 characters on every node")
+    master, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(master, port, is_master=False, timeout=datetime.timedelta(seconds=300))
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "job")
+    prefix = f"paratrain/ps/{run_id}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if rank < n_servers:
+        bind = cfg.ps.bind
+        host = _connect_host(bind) if bind in LOOPBACK else _advertise_host(master)
+        p = cfg.ps.port + rank if cfg.ps.port else free_ports(_connect_host(bind), 1)[0]
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        initial = resume_source(cfg)
+        resume = None
+        if restarts:
+            from paratrain.ps.serve import find_resume
+
+            resume = find_resume(cfg.run_dir, rank, None)
+        elif initial is not None and (initial / f"ps_server{rank}.pt").is_file():
+            resume = initial / f"ps_server{rank}.pt"
+        (cfg.run_dir / "ps").mkdir(exist_ok=True)
+        log = logging.getLogger(f"paratrain.ps.server{rank}")
+        log.addHandler(logging.FileHandler(cfg.run_dir / "ps" / f"server{rank}.log"))
+        log.handlers[-1].setFormatter(logging.Formatter(f"%(asctime)s server{rank} %(levelname)s %(message)s"))
+        log.setLevel(logging.INFO)
+        server = ParameterServer(cfg, rank, f"tcp://{bind}:{p}", secret.encode(), world - n_servers, n_servers,
+                                 restarts, resume, log=log, exit_when_done=True)
+        store.set(f"{prefix}/server{rank}", f"tcp://{host}:{p}")
+        try:
+            server.serve()
+        finally:
+            server.close()
+        return {"status": "ok", "role": f"server {rank}"}
+    endpoints = [store.get(f"{prefix}/server{i}").decode() for i in range(n_servers)]
+    os.environ.update({"RANK": str(rank - n_servers), "WORLD_SIZE": str(world - n_servers),
+                       ENDPOINTS_ENV: ",".join(endpoints), SECRET_ENV: secret})
+    return run_worker(cfg)

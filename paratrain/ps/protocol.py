@@ -1,0 +1,362 @@
+"""Wire format of the parameter server: one fixed binary header, raw tensor frames, an HMAC.
+
+A message is a ZeroMQ multipart message::
+
+    header (HEADER.size bytes) | [meta: JSON] | [desc: key/frame table] | tensor frames ... | mac (32 bytes)
+
+* ``header`` -- magic, protocol version, message type, worker id, the sender's incarnation
+  (a random id per process), a sequence number, clock, version, key range, dtype, codec,
+  flags, frame count, payload length and three message-specific floats (lr, weights, ...).
+* ``meta`` -- a small JSON object for control messages (HELLO, STATS, ...), never for tensors.
+* ``desc`` -- for pushes: one record per key (key id, codec, frame count, codec parameters)
+  and one record per tensor frame (dtype, shape), so every frame's length is checked.
+* tensor frames are sent zero-copy from the tensors' memory and read zero-copy on receipt.
+* ``mac`` -- HMAC-SHA256 with the job's shared secret over every preceding frame (its
+  length and content; large frames through their own HMAC, see :class:`Signer`).
+
+:func:`decode` checks, in order: frame count and header size, magic/version, sizes against
+the limit, the MAC, the message type, frame count and total length, then meta and desc.
+Anything wrong raises :class:`ProtocolError`; receivers log it and go on serving.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+MAGIC = b"PT"
+PROTOCOL_VERSION = 1
+MAC_SIZE = 32
+CONTROL_ID = 0xFFFFFFFF  # worker id of the launcher's control client
+MAX_META_BYTES = 1 << 20
+
+
+class Msg(enum.IntEnum):
+    """Message types (requests from workers, replies from servers)."""
+
+    HELLO = 1  # open / probe a session; reply: server state for this worker
+    INIT = 2  # first values of the server's keys (ignored once initialised)
+    PUSH = 3  # gradients for the server's keys; reply: PARAMS (or PHASE1 in two-phase sync)
+    PULL = 4  # reply: PARAMS
+    APPLY = 5  # sync two-phase: the clip coefficient of a round; reply: PARAMS
+    HEARTBEAT = 6  # no reply
+    LEAVE = 7  # the worker is done
+    CHECKPOINT = 8  # write shards + optimizer state into meta["path"]
+    STATS = 9  # reply: counters, RSS, per-worker stats
+    COLLECT = 10  # small collective (sum / gather / barrier) over live workers
+    SHUTDOWN = 11
+    REPLY = 32  # generic acknowledgement (meta may carry data)
+    PARAMS = 33  # parameter frames, one per key of the server, in key order
+    ERROR = 34  # meta["error"]: what was wrong
+
+
+class Flag(enum.IntFlag):
+    META = 1  # a JSON frame follows the header
+    DESC = 2  # a key/frame table follows (after meta)
+    PHASE1 = 4  # sync two-phase: reply carries the round's squared gradient norm, no params
+    HAS_COEF = 8  # push carries the round's clip coefficient (replay of a finished round)
+    PROBE = 16  # HELLO that only asks "are you there, which incarnation"
+    DUPLICATE = 32  # push already applied before (replayed); reply carries current params
+    PACKED = 64  # the first tensor frame packs the values of every KEY_PACKED key (fp32, in record order)
+
+
+# magic, version, type, worker, incarnation, seq, clock, version, key_start, key_count,
+# dtype, codec, flags, nframes, length, f0, f1, f2
+HEADER = struct.Struct("<2sBBIIIqqIIBBHIQddd")
+KEYREC = struct.Struct("<IBBBxqq")  # key id, codec, tensors, flags, info0, info1
+FRAMEREC = struct.Struct("<BB6xqq")  # dtype, ndim, d0, d1
+DESC_HEAD = struct.Struct("<II")  # number of key records, number of frame records
+KEY_SPARSE = 1  # key record flag: frames are [row indices (int64), rows]
+KEY_PACKED = 2  # key record flag: no frame of its own; its values are the next ones in the pack frame
+
+DTYPES: list[torch.dtype] = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.int32,
+                             torch.int64, torch.uint8, torch.float64]
+DTYPE_IDS = {d: i for i, d in enumerate(DTYPES)}
+
+
+class ProtocolError(ValueError):
+    """A message that is malformed, unauthenticated, oversized or of an unknown type."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.header: Header | None = None  # set when the message was authenticated (the sender gets an ERROR)
+
+
+@dataclass
+class Header:
+    type: int
+    worker: int = 0
+    incarnation: int = 0
+    seq: int = 0
+    clock: int = 0
+    version: int = 0
+    key_start: int = 0
+    key_count: int = 0
+    dtype: int = 0
+    codec: int = 0
+    flags: int = 0
+    nframes: int = 0
+    length: int = 0
+    f0: float = 0.0
+    f1: float = 0.0
+    f2: float = 0.0
+
+    def pack(self) -> bytes:
+        return HEADER.pack(MAGIC, PROTOCOL_VERSION, self.type, self.worker, self.incarnation, self.seq,
+                           self.clock, self.version, self.key_start, self.key_count, self.dtype, self.codec,
+                           self.flags, self.nframes, self.length, self.f0, self.f1, self.f2)
+
+
+@dataclass
+class KeyRecord:
+    key: int
+    codec: int
+    ntensors: int
+    flags: int = 0
+    info0: int = 0
+    info1: int = 0
+
+
+@dataclass
+class FrameRecord:
+    dtype: int
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Message:
+    """A decoded, authenticated message; ``frames`` are zero-copy views of the data frames."""
+
+    header: Header
+    meta: dict[str, Any] = field(default_factory=dict)
+    keys: list[KeyRecord] = field(default_factory=list)
+    frame_recs: list[FrameRecord] = field(default_factory=list)
+    frames: list[memoryview] = field(default_factory=list)
+    received_at: float = 0.0  # time.perf_counter() when the receiver read it
+
+    @property
+    def type(self) -> int:
+        return self.header.type
+
+
+DIGEST_MIN = 65536  # frames this large enter the MAC as their own HMAC (see Signer)
+_LEN = struct.Struct("<Q")
+
+
+class Signer:
+    """HMAC-SHA256 with the job's shared secret over a message's frames.
+
+    The MAC covers every frame's length and content; a frame of at least ``DIGEST_MIN`` bytes
+    enters through its own HMAC (a two-level MAC), so a server can sign one parameter frame
+    once per version for every worker it goes to (``digests``)."""
+
+    def __init__(self, secret: bytes):
+        if len(secret) < 16:
+            raise ValueError("the parameter-server secret must be at least 16 bytes")
+        self._key = hmac.new(secret, digestmod=hashlib.sha256)
+
+    def digest(self, part: Any) -> bytes:
+        h = self._key.copy()
+        h.update(part)
+        return h.digest()
+
+    def mac(self, parts: list[Any], digests: dict[int, bytes] | None = None) -> bytes:
+        h = self._key.copy()
+        for i, p in enumerate(parts):
+            n = nbytes_of(p)
+            h.update(_LEN.pack(n))
+            if n >= DIGEST_MIN:
+                d = digests.get(i) if digests else None
+                h.update(d if d is not None else self.digest(p))
+            else:
+                h.update(p)
+        return h.digest()
+
+    def verify(self, parts: list[Any], mac: bytes) -> bool:
+        return hmac.compare_digest(self.mac(parts), mac)
+
+
+# ---- tensors <-> frames -------------------------------------------------------------------
+def tensor_frame(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy byte view of a CPU tensor (made contiguous first if it is not)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def frame_tensor(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over a received frame: zero-copy when the frame is aligned, else one copy."""
+    n = 1
+    for s in shape:
+        n *= s
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    if arr.ctypes.data % size or not arr.flags.writeable:
+        arr = arr.copy()
+    return torch.frombuffer(arr, dtype=dtype).view(shape)
+
+
+def nbytes_of(part: Any) -> int:
+    return part.nbytes if hasattr(part, "nbytes") else len(part)
+
+
+# ---- encode / decode ---------------------------------------------------------------------------
+def encode(signer: Signer, header: Header, meta: dict[str, Any] | None = None,
+           keys: list[KeyRecord] | None = None, frame_recs: list[FrameRecord] | None = None,
+           frames: list[Any] = (), digests: dict[int, bytes] | None = None) -> list[Any]:
+    """The multipart message for ``header`` + optional meta + optional desc + tensor frames.
+
+    ``digests`` maps indices into ``frames`` to their precomputed ``Signer.digest``."""
+    body: list[Any] = []
+    flags = header.flags & ~(Flag.META | Flag.DESC)
+    if meta is not None:
+        body.append(json.dumps(meta, separators=(",", ":")).encode())
+        flags |= Flag.META
+    if keys is not None:
+        recs = frame_recs or []
+        desc = [DESC_HEAD.pack(len(keys), len(recs))]
+        desc += [KEYREC.pack(k.key, k.codec, k.ntensors, k.flags, k.info0, k.info1) for k in keys]
+        desc += [FRAMEREC.pack(r.dtype, len(r.shape), *(list(r.shape) + [0, 0])[:2]) for r in recs]
+        body.append(b"".join(desc))
+        flags |= Flag.DESC
+    body += list(frames)
+    header.flags = int(flags)
+    header.nframes = len(body)
+    header.length = sum(nbytes_of(p) for p in body)
+    head = header.pack()
+    if digests:
+        first = 1 + len(body) - len(frames)  # part index of frames[0]
+        digests = {first + i: d for i, d in digests.items()}
+    return [head, *body, signer.mac([head, *body], digests)]
+
+
+def decode(parts: list[Any], signer: Signer, max_bytes: int) -> Message:
+    """Check and parse one received multipart message (frames as zmq.Frame or bytes)."""
+    bufs = [p.buffer if hasattr(p, "buffer") else memoryview(p) for p in parts]
+    if len(bufs) < 2:
+        raise ProtocolError("malformed", f"{len(bufs)} frame(s), need a header and a MAC")
+    if len(bufs[0]) != HEADER.size or len(bufs[-1]) != MAC_SIZE:
+        raise ProtocolError("malformed", f"header of {len(bufs[0])} bytes or MAC of {len(bufs[-1])} bytes")
+    fields = HEADER.unpack(bufs[0])
+    if fields[0] != MAGIC or fields[1] != PROTOCOL_VERSION:
+        raise ProtocolError("malformed", f"bad magic/version {fields[0]!r}/{fields[1]}")
+    sizes = [len(b) for b in bufs[1:-1]]
+    total = sum(sizes)
+    if total > max_bytes or any(s > max_bytes for s in sizes):
+        raise ProtocolError("oversized", f"{total} bytes in {len(sizes)} frame(s), limit {max_bytes}")
+    if not signer.verify(bufs[:-1], bytes(bufs[-1])):
+        raise ProtocolError("bad MAC", "message not signed with this job's secret")
+    h = Header(*fields[2:])
+    try:
+        return _parse(h, sizes, total, bufs[1:-1])
+    except ProtocolError as e:
+        e.header = h
+        raise
+
+
+def _parse(h: Header, sizes: list[int], total: int, body: list[memoryview]) -> Message:
+    if h.type not in Msg._value2member_map_:
+        raise ProtocolError("unknown type", f"message type {h.type}")
+    if h.nframes != len(sizes) or h.length != total:
+        raise ProtocolError("wrong length", f"header says {h.nframes} frames / {h.length} bytes, "
+                                            f"got {len(sizes)} / {total}")
+    msg = Message(h)
+    if h.flags & Flag.META:
+        if not body or len(body[0]) > MAX_META_BYTES:
+            raise ProtocolError("malformed", "missing or oversized meta frame")
+        try:
+            meta = json.loads(bytes(body[0]))
+        except (ValueError, UnicodeDecodeError):
+            raise ProtocolError("malformed", "meta frame is not JSON") from None
+        if not isinstance(meta, dict):
+            raise ProtocolError("malformed", "meta frame is not a JSON object")
+        msg.meta, body = meta, body[1:]
+    if h.flags & Flag.DESC:
+        if not body:
+            raise ProtocolError("malformed", "missing desc frame")
+        msg.keys, msg.frame_recs = _parse_desc(body[0])
+        body = body[1:]
+        _check_frames(msg.keys, msg.frame_recs, body, bool(h.flags & Flag.PACKED))
+    msg.frames = body
+    return msg
+
+
+def _parse_desc(buf: memoryview) -> tuple[list[KeyRecord], list[FrameRecord]]:
+    if len(buf) < DESC_HEAD.size:
+        raise ProtocolError("malformed", "desc frame too short")
+    nk, nf = DESC_HEAD.unpack_from(buf, 0)
+    if len(buf) != DESC_HEAD.size + nk * KEYREC.size + nf * FRAMEREC.size:
+        raise ProtocolError("wrong length", f"desc frame of {len(buf)} bytes for {nk} keys / {nf} frames")
+    off = DESC_HEAD.size
+    keys = [KeyRecord(*KEYREC.unpack_from(buf, off + i * KEYREC.size)) for i in range(nk)]
+    off += nk * KEYREC.size
+    recs = []
+    for i in range(nf):
+        dt, ndim, d0, d1 = FRAMEREC.unpack_from(buf, off + i * FRAMEREC.size)
+        if dt >= len(DTYPES) or ndim not in (1, 2) or d0 < 0 or d1 < 0:
+            raise ProtocolError("malformed", f"frame record {i}: dtype {dt}, ndim {ndim}, dims {d0}x{d1}")
+        recs.append(FrameRecord(dt, (d0,) if ndim == 1 else (d0, d1)))
+    return keys, recs
+
+
+def _check_frames(keys: list[KeyRecord], recs: list[FrameRecord], frames: list[memoryview], packed: bool) -> None:
+    want = sum(k.ntensors for k in keys) + int(packed)
+    if want != len(recs) or len(recs) != len(frames):
+        raise ProtocolError("wrong length", f"{len(keys)} keys describe {want} tensors, {len(recs)} records, "
+                                            f"{len(frames)} frames")
+    if packed and (recs[0].dtype != DTYPE_IDS[torch.float32] or len(recs[0].shape) != 1):
+        raise ProtocolError("malformed", "the pack frame must be a 1-D float32 tensor")
+    for i, (r, f) in enumerate(zip(recs, frames, strict=False)):
+        n = 1
+        for s in r.shape:
+            n *= s
+        want = n * torch.empty((), dtype=DTYPES[r.dtype]).element_size()
+        if len(f) != want:
+            raise ProtocolError("wrong length", f"frame {i}: {len(f)} bytes, its record says {want}")
+
+
+def frame_tensors(msg: Message) -> list[torch.Tensor]:
+    """The desc-described frames of ``msg`` as tensors (zero-copy where aligned)."""
+    return [frame_tensor(f, DTYPES[r.dtype], r.shape) for r, f in zip(msg.frame_recs, msg.frames, strict=False)]
+
+
+def frame_record(t: torch.Tensor) -> FrameRecord:
+    """The desc record of a tensor sent as one frame (1-D or 2-D)."""
+    if t.dtype not in DTYPE_IDS:
+        raise ValueError(f"dtype {t.dtype} cannot go on the wire")
+    shape = tuple(t.shape) if t.dim() in (1, 2) else (t.numel(),)
+    return FrameRecord(DTYPE_IDS[t.dtype], shape)
+
+
+COPY_THRESHOLD = 65536  # smaller frames are copied by ZeroMQ anyway
+
+
+def send(sock: Any, parts: list[Any], flags: int = 0, track: bool = False) -> list[Any]:
+    """Send a multipart message, large frames zero-copy; returns trackers of the tracked frames."""
+    import zmq
+
+    trackers = []
+    last = len(parts) - 1
+    for i, p in enumerate(parts):
+        f = flags | (zmq.SNDMORE if i < last else 0)
+        if nbytes_of(p) >= COPY_THRESHOLD:
+            t = sock.send(p, f, copy=False, track=track)
+            if track:
+                trackers.append(t)
+        else:
+            sock.send(p, f, copy=True)
+    return trackers

@@ -1,0 +1,201 @@
+"""How a server turns pushes into updates, per consistency mode (a mixin of ParameterServer).
+
+* sync: pushes of one round accumulate (weighted); when every live worker has pushed, the
+  mean is applied (clipped by the global norm: directly with one server, after a second
+  APPLY phase with several) and every pusher gets the new parameters.
+* async: each push is applied on arrival and answered at once.
+* ssp: each push is applied on arrival; the answer waits in ``held`` until the worker is no
+  more than ``staleness`` clocks ahead of the slowest live worker.
+
+A push whose clock the server already has (a replay after recovery) is a duplicate: it is
+not applied again, only answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+import torch
+
+from paratrain.ps.consistency import SyncRound
+from paratrain.ps.placement import KeySpec
+from paratrain.ps.protocol import (
+    DIGEST_MIN,
+    DTYPE_IDS,
+    KEY_PACKED,
+    Flag,
+    Header,
+    Message,
+    Msg,
+    ProtocolError,
+    frame_tensors,
+    tensor_frame,
+)
+from paratrain.ps.shard import Shard, clip_coef
+from paratrain.ps.wire import decode_key
+
+
+class UpdateRules:
+    """Push / APPLY / PULL handling; expects the attributes ParameterServer sets up."""
+
+    shard: Shard | None
+    _reply: Any
+    _reject: Any
+
+    def _send_params(self, ident: bytes, req: Header, flags: int = 0, stale: int = 0, gap: int = 0) -> None:
+        frames = [tensor_frame(v) for v in self.shard.param_groups()]
+        if self._digest_version != self.shard.version:  # sign each large frame once per version
+            self._digests = {i: self.signer.digest(f) for i, f in enumerate(frames) if f.nbytes >= DIGEST_MIN}
+            self._digest_version = self.shard.version
+        self._reply(ident, req, Msg.PARAMS, frames=frames, digests=self._digests, track=True, flags=flags,
+                    dtype=DTYPE_IDS[torch.float32],
+                    clock=self.applied.get(req.worker, 0), f0=float(stale), f1=float(gap),
+                    f2=float(self.shard.version if self.mode == "sync" else self.clocks.slowest(self.members.live())))
+
+    def _require_shard(self) -> Shard:
+        if self.shard is None:
+            raise ProtocolError("not initialised", "server has no parameters yet (INIT first)")
+        return self.shard
+
+    def _decode_push(self, msg: Message) -> list[tuple[KeySpec, tuple]]:
+        shard = self._require_shard()
+        tensors = frame_tensors(msg)
+        packed = bool(msg.header.flags & Flag.PACKED)
+        pack, off = (tensors[0], 0) if packed else (None, 0)
+        out, seen, i = [], set(), int(packed)
+        for rec in msg.keys:
+            key = shard.by_id.get(rec.key)
+            if key is None or rec.key in seen:
+                raise ProtocolError("malformed", f"key {rec.key} is not held here or repeats")
+            seen.add(rec.key)
+            if rec.flags & KEY_PACKED:
+                if pack is None or rec.ntensors or rec.codec or off + key.numel > pack.numel():
+                    raise ProtocolError("malformed", f"key {rec.key}: bad packed record")
+                out.append((key, ("dense", pack[off:off + key.numel])))
+                off += key.numel
+                continue
+            out.append((key, decode_key(rec, tensors[i:i + rec.ntensors], key)))
+            i += rec.ntensors
+        if pack is not None and off != pack.numel():
+            raise ProtocolError("wrong length", f"pack frame of {pack.numel()} values, keys use {off}")
+        return out
+
+    def _on_push(self, ident: bytes, msg: Message) -> None:
+        h, w = msg.header, msg.header.worker
+        if self.kill_at is not None and h.clock == self.kill_at:
+            self.log.warning("debug.kill_server_at_step = %d: killing myself (SIGKILL)", h.clock)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.mode == "sync" and self.awaiting_apply:
+            self.deferred.append((ident, msg))
+            return
+        grads = self._decode_push(msg)  # validate before touching any state
+        self.counters["pushes"] += 1
+        if h.clock <= self.applied.get(w, 0):
+            return self._on_duplicate(ident, msg)
+        self.applied[w] = h.clock
+        if self.mode == "sync":
+            return self._push_sync(ident, msg, grads)
+        shard = self._require_shard()
+        stale = max(0, shard.version - h.version)
+        self.staleness[stale] += 1
+        shard.zero_grad()
+        for key, g in grads:
+            shard.add_grad(key, g)
+        shard.apply(h.f0)
+        self.clocks.advance(w)
+        self.held.append((ident, w, h.seq, stale))
+        self._release_held()
+
+    def _on_duplicate(self, ident: bytes, msg: Message) -> None:
+        h, w = msg.header, msg.header.worker
+        self.counters["duplicates"] += 1
+        if self.mode == "sync" and w in self.round.weights:
+            self.round_replies[w] = (ident, h.seq, 0)  # still waiting for its round
+        elif self.mode == "ssp":
+            self.held.append((ident, w, h.seq, 0))
+            self._release_held()
+        else:
+            self._send_params(ident, h, flags=Flag.DUPLICATE)
+
+    def _push_sync(self, ident: bytes, msg: Message, grads: list) -> None:
+        h, w, shard = msg.header, msg.header.worker, self._require_shard()
+        rnd = self.round
+        if w in rnd.weights:  # a restarted process of a worker already in this round: count it once
+            self.round_replies[w] = (ident, h.seq, 0)
+            return
+        if not rnd.weights:
+            shard.zero_grad()
+        weight = h.f1 if h.f1 > 0 else 1.0
+        for key, g in grads:
+            shard.add_grad(key, g, weight)
+        rnd.add(w, weight)
+        rnd.lr = h.f0
+        if h.flags & Flag.HAS_COEF:
+            rnd.coef = h.f2
+        self.staleness[max(0, shard.version - h.version)] += 1
+        self.round_replies[w] = (ident, h.seq, 0)
+        self._check_round()
+
+    def _check_round(self) -> None:
+        rnd = self.round
+        if self.mode != "sync" or self.awaiting_apply or not rnd.ready(self.members.live()):
+            return
+        shard = self._require_shard()
+        shard.scale_grad(1.0 / rnd.weight_sum)
+        if self.two_phase and rnd.coef is None:
+            sq = shard.grad_sqnorm()
+            self.awaiting_apply = True
+            for w, (ident, seq, _) in self.round_replies.items():
+                req = Header(int(Msg.PUSH), worker=w, seq=seq)
+                self._reply(ident, req, Msg.REPLY, flags=Flag.PHASE1, clock=rnd.id, f0=sq)
+            return
+        coef = rnd.coef if rnd.coef is not None else clip_coef(shard.grad_sqnorm(), self.grad_clip)
+        self._finish_round(coef)
+        for w, (ident, seq, _) in self.round_replies.items():
+            self._send_params(ident, Header(int(Msg.PUSH), worker=w, seq=seq))
+        self._next_round()
+
+    def _finish_round(self, coef: float) -> None:
+        self.shard.apply(self.round.lr, coef)
+
+    def _next_round(self) -> None:
+        self.round = SyncRound(self.shard.version + 1)
+        self.round_replies = {}
+        self.awaiting_apply = False
+        deferred, self.deferred = self.deferred, []
+        for ident, m in deferred:
+            try:
+                self._on_push(ident, m)
+            except ProtocolError as e:
+                self._reject(e.kind, str(e), (ident, m))
+
+    def _on_apply(self, ident: bytes, msg: Message) -> None:
+        h, shard = msg.header, self._require_shard()
+        if self.awaiting_apply and h.clock == self.round.id:
+            self._finish_round(h.f0)
+            self._send_params(ident, h)
+            self._next_round()
+        elif h.clock <= shard.version:
+            self._send_params(ident, h)
+        else:
+            raise ProtocolError("round lost", f"round {h.clock} is not pending here (version {shard.version})")
+
+    def _release_held(self) -> None:
+        live = self.members.live()
+        keep = []
+        for ident, w, seq, stale in self.held:
+            if self.clocks.may_proceed(w, live):
+                gap = self.clocks.record_release(w, live)
+                self._send_params(ident, Header(int(Msg.PUSH), worker=w, seq=seq), stale=stale, gap=gap)
+            else:
+                keep.append((ident, w, seq, stale))
+        self.held = keep
+
+    def _on_pull(self, ident: bytes, msg: Message) -> None:
+        self._require_shard()
+        self._send_params(ident, msg.header)
+

@@ -1,0 +1,291 @@
+"""A worker's side of the parameter-server protocol, on the model's tensors.
+
+:class:`PSWorker` pushes one step's gradients to every server in parallel (one request in
+flight per server), installs the parameters the servers send back, and handles the
+consistency modes' differences:
+
+* ``sync``: push, wait for the round; with several servers and gradient clipping, a second
+  phase sends the global clip coefficient (the servers report their shard's squared norm).
+* ``ssp``: push, wait (the server holds the reply while this worker is too far ahead).
+* ``async``: push and return at once -- the next step's forward/backward runs while the push
+  and the parameter reply travel; the reply is installed before the following push.
+
+Recovery: each push is kept (its encoded frames, learning rate, weight and clip coefficient)
+until the servers have checkpointed past it.  When a server comes back as a new process it
+reports the last clock of ours it has; the worker replays the later pushes in order, so every
+update the worker saw acknowledged is in the restored state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from paratrain.ps.client import RESTARTED, PSClient, PSError
+from paratrain.ps.placement import KeySpec, Layout, layout_digest
+from paratrain.ps.protocol import (
+    KEY_PACKED,
+    Flag,
+    FrameRecord,
+    KeyRecord,
+    Message,
+    Msg,
+    frame_record,
+    frame_tensor,
+    tensor_frame,
+)
+from paratrain.ps.shard import clip_coef, group_slots
+from paratrain.ps.wire import PushEncoder
+
+log = logging.getLogger("paratrain.ps.worker")
+PACK_BELOW = 1 << 16  # dense fp32 keys smaller than this share one frame
+
+
+@dataclass
+class Entry:
+    """One step's push: everything needed to send it again."""
+
+    clock: int
+    lr: float
+    weight: float
+    bodies: dict[int, tuple[list[KeyRecord], list[FrameRecord], list[Any], bool]]  # server -> desc, frames, packed
+    base: list[int]
+    coef: float | None = None
+    sent_at: float = 0.0
+
+
+@dataclass
+class StepStats:
+    rtt_ms: list[float] = field(default_factory=list)
+    wait_ms: list[float] = field(default_factory=list)
+    staleness: Counter = field(default_factory=Counter)
+    max_gap: int = 0
+    pushes: int = 0
+
+
+class PSWorker:
+    """Pushes, pulls and recovery for the model parameters ``params`` laid out as ``layout``."""
+
+    def __init__(self, client: PSClient, layout: Layout, params: list[torch.Tensor], encoder: PushEncoder,
+                 mode: str, two_phase: bool, keep_log: bool, max_norm: float = 0.0):
+        self.client, self.layout, self.params, self.encoder = client, layout, params, encoder
+        self.mode, self.two_phase, self.keep_log, self.max_norm = mode, two_phase, keep_log, max_norm
+        self.servers = list(range(layout.n_servers))
+        self.keys_of = [layout.server_keys(i) for i in self.servers]
+        self.slots = [group_slots(ks) for ks in self.keys_of]  # where each key sits in a PARAMS reply
+        self.clock = 0  # pushes sent
+        self.clock_done = 0  # pushes whose reply was installed
+        self.versions = [0] * layout.n_servers
+        self.log: list[Entry] = []
+        self.inflight: dict[int, int] = {}
+        self.current: Entry | None = None
+        self.stats = StepStats()
+        self.recoveries = 0
+
+    # ---- setup -------------------------------------------------------------------------------
+    def connect(self, clock: int) -> None:
+        """HELLO every server; initialise the ones without parameters; pull the current values."""
+        self.clock = self.clock_done = clock
+        metas = {i: self._hello(i) for i in self.servers}
+        for i, meta in metas.items():
+            if not meta["initialized"]:
+                self._init(i)
+            elif meta.get("digest") != layout_digest(self.keys_of[i]):
+                raise PSError(f"parameter server {i} holds a different model (layout {meta.get('digest')} vs "
+                              f"{layout_digest(self.keys_of[i])}); start it for this config or remove its checkpoint")
+        self.pull()
+
+    def _hello(self, i: int) -> dict[str, Any]:
+        while True:
+            self.client.reset_server(i)
+            rep = self.client.call(i, Msg.HELLO, clock=self.clock_done)
+            if rep != RESTARTED:
+                return rep.meta
+
+    def _init(self, i: int) -> None:
+        keys = self.keys_of[i]
+        frames = [tensor_frame(self._param_view(k)) for k in keys]
+        rep = self.client.call(i, Msg.INIT, meta={"keys": [k.to_json() for k in keys]}, frames=frames)
+        if rep == RESTARTED:
+            raise PSError(f"parameter server {i} restarted during initialisation")
+
+    def _param_view(self, k: KeySpec) -> torch.Tensor:
+        return self.params[k.param].data.view(-1)[k.offset:k.offset + k.numel]
+
+    def pull(self) -> None:
+        """Fetch the latest parameters from every server."""
+        replies = self._exchange({i: self.client.send(i, Msg.PULL) for i in self.servers},
+                                 lambda i: self.client.send(i, Msg.PULL))
+        for i, m in replies.items():
+            self._install(i, m, record=False)
+
+    def _install(self, i: int, msg: Message, record: bool = True) -> None:
+        sizes, slot = self.slots[i]
+        got = [len(f) for f in msg.frames]
+        if msg.type != Msg.PARAMS or got != [4 * n for n in sizes]:
+            raise PSError(f"parameter server {i} sent {Msg(msg.type).name} with frames of {got} bytes where "
+                          f"parameter groups of {[4 * n for n in sizes]} bytes were expected")
+        groups = [frame_tensor(f, torch.float32, (n,)) for f, n in zip(msg.frames, sizes, strict=True)]
+        with torch.no_grad():
+            for k in self.keys_of[i]:
+                g, off = slot[k.id]
+                self._param_view(k).copy_(groups[g][off:off + k.numel])
+        self.versions[i] = msg.header.version
+        if record:
+            self.stats.staleness[int(msg.header.f0)] += 1
+            self.stats.max_gap = max(self.stats.max_gap, int(msg.header.f1))
+
+    # ---- pushes --------------------------------------------------------------------------------
+    def _encode(self, lr: float, weight: float) -> Entry:
+        bodies = {}
+        for i in self.servers:
+            recs, frecs, frames, pack = [], [], [], []
+            for k in self.keys_of[i]:
+                g = self.params[k.param].grad
+                if g is None or k.numel == 0:
+                    continue
+                g = g.reshape(-1)[k.offset:k.offset + k.numel].view(k.shape)
+                rec, tensors = self.encoder.encode(k, g)
+                recs.append(rec)
+                if rec.codec == 0 and not rec.flags and k.numel * 4 < PACK_BELOW:
+                    rec.ntensors, rec.flags = 0, KEY_PACKED  # small dense key: rides in the pack frame
+                    pack.append(tensors[0].reshape(-1))
+                    continue
+                for t in tensors:
+                    frecs.append(frame_record(t))
+                    frames.append(tensor_frame(t))
+            if pack:  # one frame instead of many small ones (each frame costs ~10 us per hop)
+                packed = torch.cat(pack) if len(pack) > 1 else pack[0].clone()
+                frecs.insert(0, frame_record(packed))
+                frames.insert(0, tensor_frame(packed))
+            bodies[i] = (recs, frecs, frames, bool(pack))
+        self.clock += 1
+        return Entry(self.clock, lr, weight, bodies, list(self.versions))
+
+    def _send_push(self, i: int, e: Entry) -> int:
+        recs, frecs, frames, packed = e.bodies[i]
+        start, count = self.layout.key_range(i)
+        flags = (Flag.HAS_COEF if e.coef is not None else 0) | (Flag.PACKED if packed else 0)
+        e.sent_at = time.perf_counter()
+        return self.client.send(i, Msg.PUSH, keys=recs, frame_recs=frecs, frames=frames, clock=e.clock,
+                                version=e.base[i], key_start=start, key_count=count, flags=int(flags),
+                                f0=e.lr, f1=e.weight, f2=e.coef or 0.0)
+
+    def step(self, lr: float, weight: float) -> None:
+        """Push this step's gradients (then drop them) and install fresh parameters per the mode."""
+        e = self._encode(lr, weight)
+        for p in self.params:
+            p.grad = None
+        if self.mode == "async":
+            self.finish()
+            self._start(e)
+            return
+        self._start(e)
+        self._complete()
+
+    def _start(self, e: Entry) -> None:
+        self.current = e
+        if self.keep_log:
+            self.log.append(e)
+        self.inflight = {i: self._send_push(i, e) for i in self.servers}
+
+    def _complete(self) -> None:
+        e = self.current
+        t0 = time.perf_counter()
+        replies = self._exchange(self.inflight, lambda i: self._send_push(i, e))
+        phase1 = {i: m for i, m in replies.items() if m.header.flags & Flag.PHASE1}
+        if phase1:  # sync, several servers, clipping: every server needs the global norm
+            e.coef = clip_coef(sum(m.header.f0 for m in phase1.values()), self.max_norm)
+            rounds = {i: int(m.header.clock) for i, m in phase1.items()}
+            send = lambda i: self.client.send(i, Msg.APPLY, clock=rounds[i], f0=e.coef)
+            replies.update(self._exchange({i: send(i) for i in phase1}, send))
+        now = time.perf_counter()
+        self.stats.wait_ms.append((now - t0) * 1000)
+        arrived = max((m.received_at for m in replies.values()), default=now) or now
+        self.stats.rtt_ms.append((arrived - e.sent_at) * 1000)  # push out -> parameters back
+        for i, m in replies.items():
+            self._install(i, m)
+        self.inflight = {}
+        self.clock_done = e.clock
+        self.stats.pushes += 1
+
+    def finish(self) -> None:
+        """Complete the push in flight, if any (async mode)."""
+        if self.inflight:
+            self._complete()
+
+    def _exchange(self, pending: dict[int, int], resend: Callable[[int], int]) -> dict[int, Message]:
+        """Wait for ``pending``; a restarted server is recovered, then asked again."""
+        out: dict[int, Message] = {}
+        while pending:
+            again = {}
+            for i, m in self.client.wait(pending).items():
+                if m == RESTARTED:
+                    rep = self.recover(i)
+                    if rep is not None:
+                        out[i] = rep
+                    else:
+                        again[i] = resend(i)
+                else:
+                    out[i] = m
+            pending = again
+        return out
+
+    def recover(self, i: int) -> Message | None:
+        """Re-open server ``i`` after a restart and replay the pushes it lost.
+
+        Returns the server's reply to the current push when the replay included it."""
+        self.recoveries += 1
+        meta = self._hello(i)
+        if not meta["initialized"]:
+            log.warning("server %d restarted without a checkpoint: re-seeding it from this worker "
+                        "(its optimizer state starts over)", i)
+            self._init(i)
+            applied = self.clock_done
+        else:
+            applied = int(meta["applied"])
+        entries = self.log if self.keep_log else ([self.current] if self.current else [])
+        last: tuple[Entry, Message] | None = None
+        for e in entries:
+            if e.clock <= applied or (self.two_phase and e.coef is None):
+                continue
+            rep = self.client.wait({i: self._send_push(i, e)})[i]
+            if rep == RESTARTED:
+                return self.recover(i)
+            last = (e, rep)
+            if rep.type == Msg.PARAMS:
+                self._install(i, rep)
+        log.warning("server %d recovered: it had our clock %d, replayed %d push(es)", i, applied,
+                    sum(1 for e in entries if e.clock > applied and not (self.two_phase and e.coef is None)))
+        return last[1] if last is not None and last[0] is self.current else None
+
+    def trim(self, upto: int) -> None:
+        """Forget pushes the servers have checkpointed (clock <= ``upto``)."""
+        self.log = [e for e in self.log if e.clock > upto]
+
+    # ---- other requests ----------------------------------------------------------------------------
+    def request(self, i: int, mtype: Msg, meta: dict[str, Any]) -> dict[str, Any]:
+        """A control request (collective, checkpoint) that must succeed, across server restarts."""
+        self.finish()
+        send = lambda j: self.client.send(j, mtype, meta=meta)
+        return self._exchange({i: send(i)}, send)[i].meta
+
+    def try_stats(self, i: int) -> dict[str, Any] | None:
+        """Server ``i``'s counters, or None when it is being restarted (best effort)."""
+        rep = self.client.wait({i: self.client.send(i, Msg.STATS)})[i]
+        return None if rep == RESTARTED else rep.meta
+
+    def leave(self) -> None:
+        """Finish the last push and tell every server this worker is done."""
+        self.finish()
+        pending = {i: self.client.send(i, Msg.LEAVE) for i in self.servers}
+        try:
+            self.client.wait(pending, timeout=5.0)
+        except PSError:
+            pass
