@@ -146,8 +146,4 @@ class ParallelDims:
 
     def shutdown(self) -> None:
         if self.distributed and dist.is_initialized():
-            # A barrier first: gloo's worker thread must not be dropping a finished collective whose
-            # tensors have Python objects (it needs the GIL) when the group is freed later - e.g. by
-            # DDP's reducer - with the GIL held: that join deadlocks (seen at the end of DDP runs).
-            dist.barrier()
             dist.destroy_process_group()

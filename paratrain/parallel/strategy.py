@@ -27,6 +27,7 @@ class Strategy:
     name = "single"
     sharded_optimizer = False  # True: each rank checkpoints its own optimizer state
     uses_dcp = False  # True: model + optimizer are checkpointed with DCP (any layout can resume them)
+    loss_scaler: LossScaler | None = None  # set in __init__ when train.precision = "fp16"
 
     def __init__(self, cfg: Config, dims: ParallelDims):
         self.cfg = cfg

@@ -6,6 +6,9 @@ Layout of one checkpoint directory::
     optim.pt          optimizer + LR schedule state (rank 0, or one file per rank: optim_rank{r}.pt)
     rank{r}.pt        per-rank state: RNG states
     meta.json         step, data position, strategy, world size
+    dcp/              model-parallel layouts: model + optimizer via torch.distributed.checkpoint,
+                      loadable under any layout (model.pt is then rebuilt from it by rank 0;
+                      optim.pt holds the LR schedule only); see parallel/dist_checkpoint.py
     manifest.json     sha256 and size of every file above (written last)
 
 Ranks write into ``step_N.tmp``; rank 0 then writes the manifest and renames the directory,
