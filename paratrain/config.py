@@ -395,8 +395,6 @@ class Config:
                 raise ConfigError("model.arch = 'bert' needs a text corpus, not a synthetic task")
         elif m.arch == "seq2seq":
             raise ConfigError(f"model.arch = 'seq2seq' needs a synthetic:* source, got {src!r}")
-        if t.warmup_steps > t.steps and t.steps > 0:
-            raise ConfigError(f"train.warmup_steps = {t.warmup_steps} exceeds train.steps = {t.steps}")
         world = p.nproc
         if p.dp and p.dp * p.tp * p.pp != world:
             raise ConfigError(

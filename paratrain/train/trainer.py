@@ -35,11 +35,13 @@ def lr_lambda(cfg: Config):
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak at ``train.steps``."""
     t = cfg.train
 
+    warmup = min(t.warmup_steps, t.steps)  # a short run warms up for at most its length
+
     def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        span = max(1, t.steps - t.warmup_steps)
-        progress = min(1.0, (step - t.warmup_steps) / span)
+        if step < warmup:
+            return (step + 1) / warmup
+        span = max(1, t.steps - warmup)
+        progress = min(1.0, (step - warmup) / span)
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
@@ -338,12 +340,19 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     os.replace(tmp, run_dir / "summary.json")
 
 
-def run_worker(cfg: Config, **injected: Any) -> dict[str, Any]:
+def run_worker(cfg: Config, hold: list | None = None, **injected: Any) -> dict[str, Any]:
     """Entry point of one rank (or of the only process); ``injected``: Trainer's model, loss_fn,
-    train_data, val_data, tp_plan, pp_split."""
+    train_data, val_data, tp_plan, pp_split.
+
+    ``hold``: a list that receives the trainer so it outlives this call.  Worker processes pass
+    one and then leave with ``os._exit``: freeing a DDP reducer frees its gloo process group
+    while holding the GIL, which can deadlock against gloo's own thread finishing an all-reduce.
+    """
     dims = ParallelDims.from_env(cfg)
     set_threads(cfg, dims)
     trainer = Trainer(cfg, dims, **injected)
+    if hold is not None:
+        hold.append(trainer)
     try:
         return trainer.fit()
     finally:

@@ -6,11 +6,14 @@ loss and datasets handed over by ``paratrain.train`` (see :mod:`paratrain.train.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from paratrain.config import Config, ConfigError
 from paratrain.train.trainer import run_worker
+
+_HELD: list = []  # the trainer, kept alive until os._exit (see run_worker)
 
 
 def main(argv: list[str]) -> int:
@@ -22,7 +25,7 @@ def main(argv: list[str]) -> int:
             from paratrain.train.handoff import load_injected
 
             injected = load_injected(injected_file)
-        run_worker(cfg, **injected)
+        run_worker(cfg, hold=_HELD, **injected)
     except ConfigError as e:
         print(f"paratrain: error: {e}", file=sys.stderr)
         if injected_file is not None:
@@ -34,4 +37,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
