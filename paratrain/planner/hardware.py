@@ -230,7 +230,9 @@ for _ in range(2):
     opt.step(); opt.zero_grad()
 if with_dist == "dist":
     dist.all_reduce(torch.ones(4))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM is this process's own peak; ru_maxrss would also count the parent's RSS at fork time
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+print(int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
