@@ -81,6 +81,7 @@ class Setup:
     bucket_bytes: float = 25e6  # DDP gradient bucket
     ps_mode: str = "sync"  # sync | async | ssp (async/ssp hide pushes behind compute)
     loss_parallel: bool = True  # TP keeps the logits split over the vocabulary
+    tp_allreduces: int = 4  # per layer per micro-batch: Megatron's fused QKV; 6 with separate q/k/v modules
 
     @property
     def elem_bytes(self) -> int:
@@ -213,6 +214,9 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
     head_tok = 6.0 * model.vocab * h
     stage_flops_tok = [c * per_layer_tok + (head_tok if i == p - 1 else 0.0) for i, c in enumerate(counts)]
     t_mb_compute = max(stage_flops_tok) * b * s / (t * peak) + max(counts) * hw.layer_overhead_s
+    if t > 1:
+        # DTensor dispatch per TP block, + one for the vocab-parallel embedding / head (measured on CPU; 0 on GPUs)
+        t_mb_compute += (max(counts) + 1) * hw.tp_layer_s
     if t > 1 and not sp:
         # without sequence parallelism every TP rank repeats the LayerNorms and residual adds
         # (memory-bound, ~22 h elements per token per layer forward + backward), which the
@@ -221,7 +225,7 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
 
     # TP: all-reduces of b s h activations per layer per micro-batch
     tp_bw, tp_lat = link(t, hw)
-    n_ar = 6 if lay.recompute == "full" else 4
+    n_ar = setup.tp_allreduces + (2 if lay.recompute == "full" else 0)
     t_mb_tp = max(counts) * n_ar * allreduce_time(b * s * h * e, t, tp_bw, tp_lat) if t > 1 else 0.0
     t_mb = t_mb_compute + t_mb_tp
     compute = m * t_mb_compute
@@ -249,10 +253,14 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
     elif d > 1:
         t_ar = allreduce_time(grad_bytes, d, dp_bw, dp_lat)
         if lay.zero == 3:
-            g_bw = hw.gather_bw if (hw.gather_bw and t * p * d <= hw.devices_per_node) else dp_bw
-            gathers = 2 * m * gather_time(psi * e, d, g_bw, dp_lat)
-            gathers += 2 * m * max(counts) * (d - 1) * dp_lat  # one collective per layer
-            total = gathers + gather_time(grad_bytes, d, g_bw, dp_lat)
+            intra = t * p * d <= hw.devices_per_node
+            g_bw = hw.gather_bw if (hw.gather_bw and intra) else dp_bw
+            g_lat = hw.gather_latency if (hw.gather_latency and intra) else dp_lat
+            # one all-gather per layer (+ the rest of the model) in forward and in backward,
+            # one reduce-scatter per layer; each a ring of d - 1 latency hops
+            n_coll = max(counts) + 1
+            total = 2 * m * (gather_time(psi * e, d, g_bw, 0.0) + n_coll * (d - 1) * g_lat)
+            total += gather_time(grad_bytes, d, g_bw, 0.0) + n_coll * (d - 1) * g_lat
             zero3_comm = overlapped(total, m * t_mb_compute, total / max(1, 2 * max(counts)), hw.overlap)
         else:
             buckets = max(1, math.ceil(grad_bytes / setup.bucket_bytes))
@@ -264,6 +272,12 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
         upd = psi / d if lay.zero >= 1 else psi
     opt_bytes = (36 if mixed else 28) if setup.optimizer.startswith("adam") else (20 if mixed else 16)
     optimizer = upd * opt_bytes / hw.mem_bw + psi * e / hw.mem_bw  # + gradient-norm pass
+    if hw.dtensor_param_s and ((lay.zero >= 2 and d > 1) or t > 1):
+        # FSDP2 and DTensor TP parameters: every optimizer / clipping op goes through DTensor's
+        # Python dispatch (measured per parameter tensor on CPU)
+        dec = model.n_dec > 0 and p == 1
+        n_dt = max(counts) * model.param_tensors(decoder=dec, tp_only=lay.zero < 2) + 4
+        optimizer += n_dt * hw.dtensor_param_s
 
     # CPU ZeRO runs: paratrain's launcher sets MALLOC_MMAP_THRESHOLD_ so sharded memory is really
     # returned; then every large buffer (activations, their gradients, gathered parameters) is a

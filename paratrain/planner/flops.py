@@ -99,6 +99,13 @@ class ModelSpec:
             n += h * h + h + 2 * h + self.vocab  # mlm_dense, mlm_norm, lm_head bias
         return n
 
+    def param_tensors(self, decoder: bool = False, tp_only: bool = False) -> int:
+        """Parameter tensors of one block (weights and biases; LayerNorms unless ``tp_only``,
+        which counts only the linears tensor parallelism shards)."""
+        linears = 8 + (8 if decoder else 0) + 4  # attention(s) q/k/v/out and fc1/fc2, weight + bias
+        norms = 4 + (2 if decoder else 0)
+        return linears + (0 if tp_only else norms)
+
     @property
     def params(self) -> int:
         """Exact parameter count of paratrain's model of this shape (tied weights counted once)."""

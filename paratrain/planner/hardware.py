@@ -49,6 +49,9 @@ class HardwareSpec:
     layer_overhead_s: float = 50e-6  # fixed cost per layer per micro-batch (kernel launches / dispatch)
     alloc_bw: float = 0.0  # bytes/s of fresh (page-faulted) allocations; 0: a caching allocator reuses memory
     gather_bw: float = 0.0  # all-gather / reduce-scatter bus bandwidth inside a node; 0: intra_bw
+    dtensor_param_s: float = 0.0  # extra host time per DTensor parameter per step (optimizer, clip)
+    tp_layer_s: float = 0.0  # extra host time of a DTensor tensor-parallel layer per micro-batch
+    gather_latency: float = 0.0  # per all-gather / reduce-scatter inside a node; 0: intra_latency
     measured: dict[str, Any] = field(default_factory=dict)
 
     def peak(self, precision: str) -> float:
@@ -83,7 +86,7 @@ CPU_DEFAULT = HardwareSpec("cpu", peak_flops=30e9, peak_flops_fp32=150e9, memory
                            intra_bw=1.0e9, inter_bw=1.25e9, intra_latency=300e-6, inter_latency=500e-6,
                            devices_per_node=2, efficiency=CPU_EFFICIENCY, reserved_bytes=330e6, p2p_bw=2e9,
                            overlap=False, layer_overhead_s=0.5e-3, alloc_bw=2e9,
-                           gather_bw=0.25e9)
+                           gather_bw=0.25e9, dtensor_param_s=350e-6, tp_layer_s=3e-3)
 
 
 def get_spec(name: str, **overrides: Any) -> HardwareSpec:
@@ -174,6 +177,9 @@ def measure_gloo(nbytes: int = 4 << 20) -> dict[str, float]:
             gathered, half = torch.empty(2 * big.numel()), torch.empty(big.numel() // 2)
             t_ag = _best_time(lambda: pg._allgather_base(gathered, big).wait(), 3)
             t_rs = _best_time(lambda: pg._reduce_scatter_base(half, big).wait(), 3)
+            g2, h1 = torch.empty(8), torch.empty(2)
+            lat_g = (_best_time(lambda: pg._allgather_base(g2, small).wait(), 10)
+                     + _best_time(lambda: pg._reduce_scatter_base(h1, small).wait(), 10)) / 2
 
             def p2p() -> None:
                 if rank == 0:
@@ -184,7 +190,7 @@ def measure_gloo(nbytes: int = 4 << 20) -> dict[str, float]:
                     pg.send([small], 0, 1).wait()
 
             t_p2p = _best_time(p2p, 4)
-            out[rank] = {"lat": lat, "ar": t_big, "p2p": t_p2p, "ag": t_ag, "rs": t_rs}
+            out[rank] = {"lat": lat, "ar": t_big, "p2p": t_p2p, "ag": t_ag, "rs": t_rs, "lat_g": lat_g}
         except BaseException as e:  # report in the caller's thread
             errors.append(e)
 
@@ -204,11 +210,12 @@ def measure_gloo(nbytes: int = 4 << 20) -> dict[str, float]:
     # ring all-reduce moves 2 (n-1)/n bytes per rank: n = 2 -> bus bandwidth = bytes / time
     return {"latency_s": lat, "allreduce_bus_bw": nbytes / max(t_ar - lat, 1e-9),
             "gather_bus_bw": 2 / (1 / ag_bw + 1 / rs_bw),
+            "gather_latency_s": max(o["lat_g"] for o in out.values()),
             "p2p_bw": nbytes / max(t_p2p - 2 * lat, 1e-9)}
 
 
 _BASELINE_PROBE = """
-import sys, resource, datetime, torch
+import sys, json, resource, datetime, torch
 torch.set_num_threads(1)
 import torch.distributed as dist
 import paratrain.train.trainer
@@ -228,12 +235,53 @@ for _ in range(2):
     x = torch.randint(0, 261, (2, 16))
     torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.flatten()).backward()
     opt.step(); opt.zero_grad()
+out = {}
 if with_dist == "dist":
     dist.all_reduce(torch.ones(4))
 # VmHWM is this process's own peak; ru_maxrss would also count the parent's RSS at fork time
 hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
-print(int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+out["rss"] = int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+if with_dist == "dist":  # what AdamW's step costs per DTensor parameter (FSDP2 / TP) over a plain one
+    import time
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (1,))
+    def step_time(params):
+        for q in params:
+            q.grad = torch.ones_like(q)
+        o = torch.optim.AdamW(params, foreach=False)
+        o.step()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            o.step()
+        return (time.perf_counter() - t0) / 5 / len(params)
+    plain = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(16)]
+    dts = [torch.nn.Parameter(distribute_tensor(torch.randn(64, 64), mesh, [Shard(0)])) for _ in range(16)]
+    out["dtensor_param_s"] = max(0.0, step_time(dts) - step_time(plain))
+    try:  # the DTensor dispatch cost of one tensor-parallel block (forward + backward), 1-rank mesh
+        import copy
+        from torch.distributed.tensor.parallel import parallelize_module
+        from paratrain.models.blocks import Block
+        from paratrain.parallel.tensor_parallel import block_plan
+        plain_blk = Block(64, 2, 128, 0.0, causal=True)
+        tp_blk = parallelize_module(copy.deepcopy(plain_blk), mesh, block_plan(plain_blk))
+        x = torch.randn(2, 16, 64)
+        def fb_time(blk):
+            best = 1e9
+            for i in range(8):
+                t0 = time.perf_counter()
+                blk(x).sum().backward()
+                if i >= 2:
+                    best = min(best, time.perf_counter() - t0)
+            return best
+        out["tp_layer_s"] = max(0.0, fb_time(tp_blk) - fb_time(plain_blk))
+    except Exception:
+        pass
+print(json.dumps(out))
 """
+
+
+_PROBE_EXTRA: dict[str, float] = {}  # other figures the last fresh probe measured
 
 
 def measure_baseline_rss(fresh_process: bool = True, config_path: str | None = None,
@@ -251,7 +299,9 @@ def measure_baseline_rss(fresh_process: bool = True, config_path: str | None = N
         args = ["-", "nodist"] if config_path is None else [config_path, "dist"]
         r = subprocess.run([sys.executable, "-c", _BASELINE_PROBE, *args], capture_output=True,
                            text=True, timeout=timeout_s, check=True)
-        return float(r.stdout.strip().splitlines()[-1])
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        _PROBE_EXTRA.update(out)
+        return float(out["rss"])
     import contextlib
     import io
 
@@ -266,24 +316,38 @@ def measure_baseline_rss(fresh_process: bool = True, config_path: str | None = N
         return float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-_CACHE: dict[tuple[int, str, str | None], HardwareSpec] = {}
+_CACHE: dict[tuple[int, int, str, str | None], HardwareSpec] = {}
 
 
-def measure_speeds(threads: int) -> dict[str, Any]:
-    """Matmul, memory and gloo figures of this machine right now (about 1 s)."""
+def measure_speeds(threads: int, procs: int = 1) -> dict[str, Any]:
+    """Matmul, memory, page-fault and gloo figures of this machine right now (about 1-2 s).
+
+    The matmul peak is measured alone (``threads``) and with every worker busy (all
+    ``procs * threads`` threads, capped at the cores, divided by ``procs``): cores that share
+    a physical core or caches give each worker less than it gets alone.  The spec's peak is
+    the shared figure; a calibration timed alone compares against the alone one.
+    """
     t0 = time.perf_counter()
+    cores = os.cpu_count() or 1
     fp32 = measure_matmul(threads)
     bf16 = measure_matmul(threads, dtype="bfloat16", n=256, repeats=3)
+    busy = min(cores, threads * procs)
+    share = 1.0
+    if procs > 1:
+        share = min(1.0, measure_matmul(busy) / procs / fp32) if busy > threads else threads / busy / procs
+        share = min(share, cores / (threads * procs))
     bw = measure_mem_bw()
     alloc = measure_alloc_bw()
     gloo = measure_gloo()
-    fields = dict(peak_flops=bf16, peak_flops_fp32=fp32, mem_bw=bw, intra_bw=gloo["allreduce_bus_bw"],
-                  p2p_bw=gloo["p2p_bw"], intra_latency=gloo["latency_s"], alloc_bw=alloc,
-                  gather_bw=gloo["gather_bus_bw"])
-    measured = {"threads": threads, "matmul_fp32_gflops": fp32 / 1e9, "matmul_bf16_gflops": bf16 / 1e9,
+    fields = dict(peak_flops=bf16 * share, peak_flops_fp32=fp32 * share, mem_bw=bw,
+                  intra_bw=gloo["allreduce_bus_bw"], p2p_bw=gloo["p2p_bw"], intra_latency=gloo["latency_s"],
+                  alloc_bw=alloc, gather_bw=gloo["gather_bus_bw"], gather_latency=gloo["gather_latency_s"])
+    measured = {"threads": threads, "procs": procs, "matmul_fp32_gflops": fp32 / 1e9,
+                "matmul_bf16_gflops": bf16 / 1e9, "shared_core_factor": share,
                 "mem_bw_gbs": bw / 1e9, "alloc_bw_gbs": alloc / 1e9,
                 "allreduce_bus_bw_gbs": gloo["allreduce_bus_bw"] / 1e9,
                 "gather_bus_bw_gbs": gloo["gather_bus_bw"] / 1e9,
+                "gather_latency_ms": gloo["gather_latency_s"] * 1e3,
                 "p2p_bw_gbs": gloo["p2p_bw"] / 1e9, "allreduce_latency_ms": gloo["latency_s"] * 1e3,
                 "load_avg": os.getloadavg()[0], "speeds_s": time.perf_counter() - t0}
     return {"fields": fields, "measured": measured}
@@ -291,38 +355,42 @@ def measure_speeds(threads: int) -> dict[str, Any]:
 
 def measure_cpu(threads: int | None = None, procs: int = 1, baseline: str = "here",
                 config_path: str | None = None, refresh: bool = False) -> HardwareSpec:
-    """Measure this machine as a ``cpu`` device for workers with ``threads`` threads each.
+    """Measure this machine as a ``cpu`` device: ``procs`` worker processes with ``threads``
+    threads each (default: cores / procs, as the trainer sets them), sharing its cores, RAM
+    and loopback.
 
-    ``procs`` local worker processes share the cores and the RAM (default threads: cores /
-    procs, as the trainer sets them).  ``baseline``: measure the per-process RSS ``"here"``
-    (fast), in a ``"fresh"`` process (exact; with ``config_path`` it includes that config's
-    data pipeline and a gloo context, see :func:`measure_baseline_rss`), or ``"none"`` (the
-    documented default).  Results are cached per (threads, baseline, config_path);
+    ``baseline``: measure the per-process RSS ``"here"`` (fast), in a ``"fresh"`` process
+    (exact; with ``config_path`` it includes that config's data pipeline and a gloo context
+    and also measures the DTensor overhead, see :func:`measure_baseline_rss`), or ``"none"``
+    (the documented default).  Results are cached per (threads, procs, baseline, config);
     ``refresh`` measures the speeds again (the machine's load changes) but keeps the baseline.
     """
     cores = os.cpu_count() or 1
     threads = threads or max(1, cores // max(1, procs))
-    key = (threads, baseline, config_path)
+    key = (threads, procs, baseline, config_path)
     if key not in _CACHE:
+        extra: dict[str, Any] = {}
         if baseline == "none":
             base = CPU_DEFAULT.reserved_bytes
         else:  # first, before the measurements below grow this process
             base = measure_baseline_rss(fresh_process=baseline == "fresh", config_path=config_path)
+            if baseline == "fresh":
+                extra.update({k: _PROBE_EXTRA[k] for k in ("dtensor_param_s", "tp_layer_s") if k in _PROBE_EXTRA})
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        _CACHE[key] = CPU_DEFAULT.with_(memory_bytes=float(ram), devices_per_node=max(1, cores // threads),
-                                        reserved_bytes=base,
+        _CACHE[key] = CPU_DEFAULT.with_(memory_bytes=float(ram) / max(1, procs),
+                                        devices_per_node=max(procs, cores // threads), reserved_bytes=base,
                                         measured={"cores": cores, "baseline_rss_mib": base / 2**20,
-                                                  "baseline_from": baseline})
+                                                  "baseline_from": baseline,
+                                                  "dtensor_param_us": extra.get("dtensor_param_s",
+                                                                                CPU_DEFAULT.dtensor_param_s) * 1e6,
+                                                  "tp_layer_ms": extra.get("tp_layer_s", CPU_DEFAULT.tp_layer_s) * 1e3},
+                                        **extra)
         refresh = True
-    spec = _CACHE[key]
     if refresh:
-        sp = measure_speeds(threads)
-        spec = _CACHE[key] = spec.with_(**sp["fields"], measured={**spec.measured, **sp["measured"]})
-    # ``procs`` workers on this machine: they share its RAM, talk over loopback, and share the
-    # cores when there are more threads than cores
-    oversub = max(1.0, procs * threads / cores)
-    return spec.with_(memory_bytes=spec.memory_bytes / max(1, procs), devices_per_node=max(procs, cores // threads),
-                      peak_flops=spec.peak_flops / oversub, peak_flops_fp32=spec.peak_flops_fp32 / oversub)
+        spec = _CACHE[key]
+        sp = measure_speeds(threads, procs)
+        _CACHE[key] = spec.with_(**sp["fields"], measured={**spec.measured, **sp["measured"]})
+    return _CACHE[key]
 
 
 def describe(spec: HardwareSpec) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 from paratrain.config import Config, ConfigError
 from paratrain.planner.cost import Layout, Setup, estimate
 from paratrain.planner.flops import ModelSpec, spec_from_config
-from paratrain.planner.hardware import HardwareSpec, describe, measure_cpu
+from paratrain.planner.hardware import HardwareSpec, describe, measure_alloc_bw, measure_cpu
 
 MiB = float(1 << 20)
 _LAYOUT_RE = re.compile(r"^(single|ps|dp(\d+)|tp(\d+)|pp(\d+)|zero([0-3]))$")
@@ -103,8 +103,19 @@ def availability(ml: MeasureLayout) -> str:
 # ---- calibration ------------------------------------------------------------------------------------
 
 
-def calibrate(cfg: Config, spec: ModelSpec, hw: HardwareSpec, threads: int) -> HardwareSpec:
-    """Fit ``efficiency`` and ``layer_overhead_s`` of ``hw`` from timed forward + backward passes."""
+def calibrate(cfg: Config, spec: ModelSpec, hw: HardwareSpec, threads: int, microbatch: int,
+              busy_threads: int = 0) -> HardwareSpec:
+    """Fit ``efficiency`` of ``hw``: time forward + backward of the config's model on one
+    micro-batch of ``microbatch`` sequences with ``threads`` threads, while ``busy_threads``
+    other threads run the same forward + backward on their own copies (as the other workers
+    of a layout do: cores that share caches or a physical core slow each other).
+
+    The efficiency is relative to the matmul rate measured alone, so the returned spec's
+    peak is that alone rate; ``layer_overhead_s`` stays the spec's fixed cost per layer.
+    """
+    import copy
+    import threading
+
     import torch
 
     from paratrain.data import build_data
@@ -113,45 +124,50 @@ def calibrate(cfg: Config, spec: ModelSpec, hw: HardwareSpec, threads: int) -> H
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
+    stop = threading.Event()
+
+    def run(m: torch.nn.Module) -> None:
+        lm_loss_sum(m, batch).backward()
+        m.zero_grad(set_to_none=True)
+
+    def burn() -> None:  # another worker's forward + backward on its own copy (torch releases the GIL)
+        twin = copy.deepcopy(model)
+        while not stop.is_set():
+            run(twin)
+
+    burners = [threading.Thread(target=burn, daemon=True) for _ in range(busy_threads)]
     try:
         data = build_data(cfg, 0, 1)
         torch.manual_seed(0)
         model = build_model(cfg.model, data.vocab_size, data.pad_id)
-        batch = next(data.train)
-        full = cfg.data.batch_size
-        small = max(1, full // 4)
+        batch = {k: v[:microbatch] for k, v in next(data.train).items()}
+        for th in burners:
+            th.start()
 
-        def timed(bs: int) -> float:
-            sub = {k: v[:bs] for k, v in batch.items()}
-
-            def run() -> None:
-                lm_loss_sum(model, sub).backward()
-                model.zero_grad(set_to_none=True)
-
-            for _ in range(3):
-                run()
-            best = float("inf")
-            for _ in range(5):  # the fastest repeat: other load on the machine only slows it
-                t0 = time.perf_counter()
-                run()
-                best = min(best, time.perf_counter() - t0)
-            return best
-
-        t_full, t_small = timed(full), timed(small)
+        for _ in range(3):
+            run(model)
+        t_mb = float("inf")
+        for _ in range(6):  # the fastest repeat: other load on the machine only slows it
+            t0 = time.perf_counter()
+            run(model)
+            t_mb = min(t_mb, time.perf_counter() - t0)
+        alloc_bw = measure_alloc_bw()  # page faults slow down too when the other cores work
     finally:
+        stop.set()
+        for th in burners:
+            th.join(timeout=10)
         torch.set_num_threads(old)
-    flops_tok = spec.flops_per_token("none")
-    f_full, f_small = flops_tok * full * spec.seq, flops_tok * small * spec.seq
-    layers = spec.total_layers
-    if full > small and t_full > t_small:
-        per_flop = (t_full - t_small) / (f_full - f_small)
-        overhead = max(0.0, (t_full - f_full * per_flop) / layers)
-    else:
-        per_flop, overhead = t_full / f_full, 0.0
-    eff = min(1.0, 1.0 / (per_flop * hw.peak(cfg.train.precision)))
-    measured = dict(hw.measured, calib_fwd_bwd_ms={str(full): t_full * 1e3, str(small): t_small * 1e3},
-                    calib_efficiency=eff, calib_layer_overhead_ms=overhead * 1e3)
-    return hw.with_(efficiency=eff, layer_overhead_s=overhead, measured=measured)
+    flops = spec.flops_per_token("none") * microbatch * spec.seq
+    compute_s = max(t_mb - spec.total_layers * hw.layer_overhead_s, 0.5 * t_mb)
+    m = hw.measured
+    fp32 = cfg.train.precision == "fp32"
+    alone = 1e9 * (m["matmul_fp32_gflops"] if fp32 else m["matmul_bf16_gflops"])
+    eff = min(1.0, flops / (compute_s * alone))
+    measured = dict(m, calib_fwd_bwd_ms=t_mb * 1e3, calib_microbatch=microbatch, calib_busy_threads=busy_threads,
+                    calib_efficiency=eff, calib_layer_overhead_ms=hw.layer_overhead_s * 1e3)
+    measured["calib_alloc_bw_gbs"] = alloc_bw / 1e9
+    peaks = {"peak_flops_fp32": alone} if fp32 else {"peak_flops": alone}
+    return hw.with_(efficiency=eff, measured=measured, alloc_bw=alloc_bw, **peaks)
 
 
 # ---- predictions and runs ---------------------------------------------------------------------------
@@ -165,7 +181,8 @@ def predict(cfg: Config, spec: ModelSpec, hw: HardwareSpec) -> tuple[float, list
     micro = max(1, cfg.data.batch_size // mb_count)
     setup = Setup(cfg.data.batch_size * cfg.train.grad_accum * dp, cfg.train.precision, cfg.train.optimizer,
                   flash=True, bucket_bytes=p.bucket_cap_mb * MiB, ps_mode=cfg.ps.mode,
-                  loss_parallel=bool(getattr(p, "loss_parallel", False)) and p.pp == 1)
+                  loss_parallel=bool(getattr(p, "loss_parallel", False)) and p.pp == 1,
+                  tp_allreduces=6)  # separate q/k/v projections: 4 backward all-reduces + 2 forward
     # paratrain's tensor parallel replicates LayerNorms and residuals: no sequence parallelism
     lay = Layout(tp=p.tp, pp=p.pp, dp=dp, zero=p.zero, microbatch=micro,
                  recompute=cfg.train.activation_checkpointing, sync=p.sync, ps_servers=cfg.ps.servers,
@@ -241,6 +258,13 @@ def wait_for_quiet(limit_s: float, busy_below: float = 0.2) -> float:
     return busy
 
 
+def _calibrated(base: Config, spec: ModelSpec, config_path: str | None, threads: int, procs: int, micro: int,
+                busy_threads: int) -> HardwareSpec:
+    """Measure the speeds again and calibrate, for one layout's workers."""
+    hw_now = measure_cpu(threads, procs, "fresh", config_path or "", refresh=True)
+    return calibrate(base, spec, hw_now, threads, micro, busy_threads)
+
+
 def check_layouts(config_path: str | None, names: list[str], steps: int = 20,
                   wait_quiet_s: float = 0.0) -> dict[str, Any]:
     """Predict and measure each named layout; the JSON the benchmark records.
@@ -265,20 +289,30 @@ def check_layouts(config_path: str | None, names: list[str], steps: int = 20,
         # measure and calibrate again right before each run: the machine's load changes, and a
         # layout on fewer processes gets more threads per worker
         busy = wait_for_quiet(wait_quiet_s) if wait_quiet_s else cpu_busy(0.5)
-        threads = base.train.threads or max(1, (os.cpu_count() or 1) // ml.nproc)
-        lay_hw = calibrate(base, spec, measure_cpu(threads, ml.nproc, "fresh", config_path or "", refresh=True),
-                           threads)
+        cores = os.cpu_count() or 1
+        threads = base.train.threads or max(1, cores // ml.nproc)
+        micro = max(1, cfg.data.batch_size // ((cfg.parallel.microbatches or ml.pp) if ml.pp > 1 else 1))
+        busy_threads = max(0, min(cores, threads * ml.nproc) - threads)
+
+        calib_args = (threads, ml.nproc, micro, busy_threads)
+        lay_hw = _calibrated(base, spec, config_path, *calib_args)
         row["calibration"] = {k: lay_hw.measured.get(k) for k in (
             "threads", "matmul_fp32_gflops", "allreduce_bus_bw_gbs", "calib_efficiency",
-            "calib_layer_overhead_ms", "load_avg")}
+            "calib_fwd_bwd_ms", "calib_microbatch", "calib_busy_threads", "calib_alloc_bw_gbs", "gather_latency_ms",
+            "load_avg")}
         row["calibration"]["cpu_busy_before"] = busy
         lay_spec = spec_from_config(cfg, name=spec.name)
         if lay_spec.tied != spec.tied:
             row["note"] = "model.tie_embeddings = false (pipeline stages cannot share the embedding)"
-        pred_s, pred_mem = predict(cfg, lay_spec, lay_hw)
+        pred_before, pred_mem = predict(cfg, lay_spec, lay_hw)
         hw = lay_hw  # the latest measurement, for the report's header
         summary = run_layout(cfg)
         row["calibration"].update(load_avg_after=os.getloadavg()[0], cpu_busy_after=cpu_busy(0.5))
+        # this machine's speed drifts by tens of percent over minutes: calibrate again after the
+        # run and predict with the mean of the two (both are reported)
+        pred_after, _ = predict(cfg, lay_spec, _calibrated(base, spec, config_path, *calib_args))
+        pred_s = (pred_before + pred_after) / 2
+        row["predicted_step_ms_before_after"] = [pred_before * 1e3, pred_after * 1e3]
         if summary.get("status") != "ok":
             row["status"] = f"not available: {summary.get('reason', 'the run failed')}"
             rows.append(row)
@@ -316,8 +350,8 @@ def format_report(res: dict[str, Any]) -> str:
             lines.append(f"{r['layout']:<7} {r['status']}")
             continue
         c = r["calibration"]
-        notes.append(f"{r['layout']}: {c['matmul_fp32_gflops']:.0f} GFLOP/s x {c['calib_efficiency']:.0%} "
-                     f"+ {c['calib_layer_overhead_ms']:.2f} ms/layer; cores busy {c['cpu_busy_before']:.0%}"
+        notes.append(f"{r['layout']}: {c['matmul_fp32_gflops']:.0f} GFLOP/s x {c['calib_efficiency']:.0%}; "
+                     f"machine busy {c['cpu_busy_before']:.0%}"
                      + (f"; {r['note']}" if r.get("note") else ""))
         pm = ", ".join(f"{x:.0f}" for x in r["predicted_peak_mib"])
         mm = ", ".join(f"{x:.0f}" for x in r["measured_peak_mib"])
@@ -327,7 +361,8 @@ def format_report(res: dict[str, Any]) -> str:
         lines.append(f"{r['layout']:<7} {str(r['strategy']):<8} {r['predicted_step_ms']:>7.1f} ms {meas:>20} "
                      f"{ratio:>12}   {pm:<14} {mm:<14} {mr:<10}")
     if notes:
-        lines.append("calibration (matmul rate x achieved fraction + fixed cost per layer): " + "; ".join(notes))
+        lines.append("calibration (matmul rate alone x fraction reached by forward + backward with the other "
+                     "cores busy): " + "; ".join(notes))
     if res["all_within_0.7_1.3"] is not None:
         lines.append(f"all median ratios within 0.7-1.3: {'yes' if res['all_within_0.7_1.3'] else 'no'}")
     return "\n".join(lines)
