@@ -18,17 +18,15 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks.trainer_overhead import _free_port  # noqa: E402
+from benchmarks.trainer_overhead import finish, free_port, interleaved_times, join_gloo  # noqa: E402
 from paratrain.config import Config  # noqa: E402
 from paratrain.data import build_data, cached_corpus  # noqa: E402
 from paratrain.parallel import ParallelDims  # noqa: E402
@@ -76,31 +74,10 @@ def _hand_written(cfg: Config, rank: int, world: int):
 
 
 def _worker(rank: int, world: int, port: int, rounds: int, steps: int, run_dir: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    join_gloo(rank, world, port)
     cfg = _config(run_dir)
-    dims = ParallelDims.from_env(cfg)
-    trainer = Trainer(cfg, dims, model=make_gpt2)
-    hand = _hand_written(cfg, rank, world)
-    times: dict[str, list[float]] = {"paratrain": [], "hand": []}
-    for r in range(rounds + 1):  # round 0 warms both up
-        for name, fn in (("paratrain", trainer.train_step), ("hand", hand)):
-            for _ in range(steps):
-                dist.barrier()
-                t0 = time.perf_counter()
-                fn()
-                if name == "paratrain":  # what fit() adds per step: the logged loss every log_every steps
-                    trainer.step += 1
-                    if trainer.step % cfg.train.log_every == 0:
-                        trainer.reduced_loss(torch.zeros(()), 1.0)
-                if r:
-                    times[name].append(time.perf_counter() - t0)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(times, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    trainer = Trainer(cfg, ParallelDims.from_env(cfg), model=make_gpt2)
+    finish(rank, interleaved_times(trainer, _hand_written(cfg, rank, world), rounds, steps), out)
 
 
 def main() -> None:
@@ -113,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cached_corpus("stdlib")
         out = os.path.join(tmp, "times.json")
-        mp.spawn(_worker, args=(2, _free_port(), args.rounds, args.steps, tmp, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), args.rounds, args.steps, tmp, out), nprocs=2, join=True)
         times = json.load(open(out))
     samples = 2 * BATCH  # per step, both ranks
     para, hand = statistics.median(times["paratrain"]), statistics.median(times["hand"])

@@ -37,14 +37,14 @@ from paratrain.train.metrics import measure_matmul_flops  # noqa: E402
 from paratrain.train.trainer import Trainer, lr_lambda  # noqa: E402
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def _config(nproc: int, run_dir: str) -> Config:
-    return Config.load(None, [f"--parallel.nproc={nproc}", f'--run.dir="{run_dir}"', "--train.log_every=1000000",
+    return Config.load(None, [f"--parallel.nproc={nproc}", f'--run.dir="{run_dir}"', "--train.log_every=10",
                               "--train.eval_every=0", "--train.threads=1"])
 
 
@@ -74,16 +74,17 @@ def _hand_written(cfg: Config, rank: int, world: int):
     return step
 
 
-def _worker(rank: int, world: int, port: int, rounds: int, steps: int, run_dir: str, out: str) -> None:
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """Set the torchrun-style environment of one local rank (ParallelDims reads it)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    cfg = _config(world, run_dir)
-    dims = ParallelDims.from_env(cfg)
-    trainer = Trainer(cfg, dims)
-    hand = _hand_written(cfg, rank, world)
+
+
+def interleaved_times(trainer: Trainer, hand, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Step times of paratrain and the hand-written loop, alternating in rounds (round 0 is warm-up)."""
     times: dict[str, list[float]] = {"paratrain": [], "hand": []}
-    for r in range(rounds + 1):  # round 0 warms both up
+    for r in range(rounds + 1):
         for name, fn in (("paratrain", trainer.train_step), ("hand", hand)):
             for _ in range(steps):
                 dist.barrier()
@@ -91,16 +92,27 @@ def _worker(rank: int, world: int, port: int, rounds: int, steps: int, run_dir: 
                 fn()
                 if name == "paratrain":  # what fit() adds per step: the logged loss every log_every steps
                     trainer.step += 1
-                    if trainer.step % 10 == 0:
+                    if trainer.step % trainer.cfg.train.log_every == 0:
                         trainer.reduced_loss(torch.zeros(()), 1.0)
-                dt = time.perf_counter() - t0
                 if r:
-                    times[name].append(dt)
+                    times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def finish(rank: int, times: dict[str, list[float]], out: str) -> None:
+    """Rank 0 writes the times for the parent; then every rank leaves the group."""
     if rank == 0:
         with open(out, "w") as f:
             json.dump(times, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, rounds: int, steps: int, run_dir: str, out: str) -> None:
+    join_gloo(rank, world, port)
+    cfg = _config(world, run_dir)
+    trainer = Trainer(cfg, ParallelDims.from_env(cfg))
+    finish(rank, interleaved_times(trainer, _hand_written(cfg, rank, world), rounds, steps), out)
 
 
 def single_process_mfu(run_dir: str, steps: int = 40) -> dict:
@@ -131,7 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cached_corpus("stdlib")
         out = os.path.join(tmp, "times.json")
-        mp.spawn(_worker, args=(2, _free_port(), args.rounds, args.steps, tmp, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), args.rounds, args.steps, tmp, out), nprocs=2, join=True)
         times = json.load(open(out))
         mfu = single_process_mfu(tmp)
     para, hand = statistics.median(times["paratrain"]), statistics.median(times["hand"])

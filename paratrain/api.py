@@ -196,7 +196,7 @@ def _spawn(cfg: Config, injected: dict[str, Any], own_data: bool) -> dict[str, A
         run_dir = L.prepare_run_dir(cfg)
         if own_data:
             L._prepare_data(cfg)
-        summary = L._launch_local(cfg, run_dir, worker_args)
+        summary = L.spawn_workers(cfg, run_dir, worker_args)
         error = read_error(tmp)
         if error is not None and summary.get("status") != "ok":
             raise ConfigError(error)

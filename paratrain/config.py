@@ -365,7 +365,7 @@ class Config:
         self._validate_combinations()
 
     def _validate_combinations(self) -> None:
-        m, d, t, p = self.model, self.data, self.train, self.parallel
+        m, d, p = self.model, self.data, self.parallel
         if m.d_model % m.n_head:
             raise ConfigError(
                 f"model.n_head = {m.n_head} does not divide model.d_model = {m.d_model}; "

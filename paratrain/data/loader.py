@@ -251,7 +251,12 @@ def val_batches(bundle: DataBundle | Dataset, batch_size: int, dp_rank: int = 0,
     ranks get the same number of batches.
     """
     ds = bundle.val_dataset if isinstance(bundle, DataBundle) else bundle
-    n = len(ds)
+    return [collate([ds[i] for i in idx]) for idx in val_index_ranges(len(ds), batch_size, dp_rank, dp_size,
+                                                                      max_batches)]
+
+
+def val_index_ranges(n: int, batch_size: int, dp_rank: int, dp_size: int, max_batches: int = 0) -> list[range]:
+    """Sample indices of this rank's val batches over a val set of ``n`` samples (see val_batches)."""
     nb = n // (batch_size * dp_size)
     if nb == 0:
         batch_size, nb = n // dp_size, 1
@@ -260,5 +265,4 @@ def val_batches(bundle: DataBundle | Dataset, batch_size: int, dp_rank: int = 0,
     if max_batches > 0:
         nb = min(nb, max_batches)
     G = batch_size * dp_size
-    return [collate([ds[i] for i in range(j * G + dp_rank * batch_size, j * G + (dp_rank + 1) * batch_size)])
-            for j in range(nb)]
+    return [range(j * G + dp_rank * batch_size, j * G + (dp_rank + 1) * batch_size) for j in range(nb)]

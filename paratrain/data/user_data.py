@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from paratrain.config import ConfigError
-from paratrain.data.loader import DistributedBatches
+from paratrain.data.loader import DistributedBatches, val_index_ranges
 
 IGNORE = -100
 
@@ -229,20 +229,8 @@ def user_val_batches(data: Any, batch_size: int, dp_rank: int = 0, dp_size: int 
             group += 1
         return out
     collate_fn = getattr(data, "collate_fn", None) or default_collate
-    n = len(data)
-    nb = n // (batch_size * dp_size)
-    if nb == 0:
-        batch_size, nb = n // dp_size, 1
-        if batch_size == 0:
-            return []
-    if max_batches > 0:
-        nb = min(nb, max_batches)
-    G = batch_size * dp_size
-    out = []
-    for j in range(nb):
-        start = j * G + dp_rank * batch_size
-        out.append(collate_items(collate_fn, [data[i] for i in range(start, start + batch_size)], name, j))
-    return out
+    ranges = val_index_ranges(len(data), batch_size, dp_rank, dp_size, max_batches)
+    return [collate_items(collate_fn, [data[i] for i in idx], name, j) for j, idx in enumerate(ranges)]
 
 
 @dataclass

@@ -184,19 +184,21 @@ def local_servers(cfg: Config, n_workers: int | None = None) -> Iterator[ServerG
 
 
 # ---- local workers --------------------------------------------------------------------------------
-def _spawn_worker(config_path: Path, rank: int, world: int, restart: int) -> subprocess.Popen:
+def _spawn_worker(config_path: Path, rank: int, world: int, restart: int,
+                  worker_args: tuple[str, ...] = ()) -> subprocess.Popen:
     env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                LOCAL_WORLD_SIZE=str(world), TORCHELASTIC_RESTART_COUNT=str(restart))
-    return subprocess.Popen([sys.executable, "-m", "paratrain.train.worker", str(config_path)], env=env,
-                            preexec_fn=_pdeathsig)
+    return subprocess.Popen([sys.executable, "-m", "paratrain.train.worker", str(config_path), *worker_args],
+                            env=env, preexec_fn=_pdeathsig)
 
 
 def _why(code: int) -> str:
     return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
-def launch_local(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    """Servers + ``parallel.nproc`` workers on this machine; returns rank 0's summary."""
+def launch_local(cfg: Config, run_dir: Path, worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Servers + ``parallel.nproc`` workers on this machine (``worker_args`` go after the config
+    path); returns rank 0's summary."""
     from paratrain.train.trainer import write_summary
 
     t0 = float(os.environ.get("PARATRAIN_START_TIME", time.time()))
@@ -206,7 +208,7 @@ def launch_local(cfg: Config, run_dir: Path) -> dict[str, Any]:
     procs: dict[int, subprocess.Popen] = {}
     with local_servers(cfg, world):
         try:
-            procs = {r: _spawn_worker(config_path, r, world, 0) for r in range(world)}
+            procs = {r: _spawn_worker(config_path, r, world, 0, worker_args) for r in range(world)}
             restarts = dict.fromkeys(range(world), 0)
             while procs:
                 time.sleep(0.1)
@@ -221,7 +223,7 @@ def launch_local(cfg: Config, run_dir: Path) -> dict[str, Any]:
                         restarts[r] += 1
                         print(f"paratrain: worker {r} {_why(code)}; restarting it ({restarts[r]}/{max_restarts})",
                               file=sys.stderr)
-                        procs[r] = _spawn_worker(config_path, r, world, restarts[r])
+                        procs[r] = _spawn_worker(config_path, r, world, restarts[r], worker_args)
                         continue
                     failures[r] = _why(code)
                     if r == 0:  # rank 0 reports the run: without it the job cannot finish cleanly

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from paratrain.config import Config
+from paratrain.data.user_data import tokens_in
 from paratrain.parallel.dims import ParallelDims
 from paratrain.parallel.strategy import Strategy
 from paratrain.ps.client import PSClient, PSError
@@ -136,9 +137,9 @@ class PSStrategy(Strategy):
                          loss_fn: Callable, scale: float, autocast: Callable) -> torch.Tensor:
         """This worker's mean gradient over its labelled tokens (the servers weight by the count)."""
         self._sync_params()
-        n_local = sum(count_labels(b) for b in micro_batches)
-        self._weight = float(max(n_local, 1))
-        self._tokens = sum(b["labels"].numel() for b in micro_batches)
+        count = getattr(loss_fn, "count", count_labels)  # user losses weigh their own batches
+        self._weight = float(max(sum(count(b) for b in micro_batches), 1))
+        self._tokens = sum(tokens_in(b) for b in micro_batches)
         total = super().forward_backward(model, micro_batches, loss_fn, 1.0 / self._weight, autocast)
         self._loss = float(total) / self._weight
         return total

@@ -77,11 +77,16 @@ def launch(cfg: Config) -> dict[str, Any]:
     _prepare_data(cfg)
     if cfg.parallel.nproc == 1 and cfg.parallel.sync != "ps":
         return run_worker(cfg)
+    return spawn_workers(cfg, run_dir)
+
+
+def spawn_workers(cfg: Config, run_dir: Path, worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Start the local job: parameter servers + workers, or workers under torch's elastic agent."""
     if cfg.parallel.sync == "ps":  # own worker spawner: a dead worker must not stop the others
         from paratrain.ps.launch import launch_local
 
-        return launch_local(cfg, run_dir)
-    return _launch_local(cfg, run_dir)
+        return launch_local(cfg, run_dir, worker_args)
+    return _launch_local(cfg, run_dir, worker_args)
 
 
 def _launch_local(cfg: Config, run_dir: Path, worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -102,8 +107,8 @@ def _launch_local(cfg: Config, run_dir: Path, worker_args: tuple[str, ...] = ())
         start_method="spawn",
     )
     config_path = run_dir / "config.toml"
-    # workers read the resolved config from the run dir; extra roles (PS servers) start first
-    with _extra_roles(cfg), _worker_env(cfg):
+    # workers read the resolved config from the run dir
+    with _worker_env(cfg):
         try:
             elastic_launch(lc, entrypoint=sys.executable)("-m", "paratrain.train.worker", str(config_path),
                                                           *worker_args)
@@ -149,12 +154,3 @@ def _worker_env(cfg: Config):
     finally:
         for k in extra:
             os.environ.pop(k, None)
-
-
-def _extra_roles(cfg: Config) -> contextlib.AbstractContextManager:
-    """Processes that live around the workers: the parameter servers when sync = "ps"."""
-    if cfg.parallel.sync == "ps":
-        from paratrain.ps.launch import local_servers
-
-        return local_servers(cfg)
-    return contextlib.nullcontext()
