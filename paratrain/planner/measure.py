@@ -221,6 +221,7 @@ def run_layout(cfg: Config, timeout_s: float = 600.0) -> dict[str, Any]:
             with open(metrics) as f:
                 recs = [json.loads(ln) for ln in f if ln.strip()]
             summary["step_ms_all"] = [r_["step_ms"] for r_ in recs if "step_ms" in r_]
+            summary["losses"] = [r_["loss"] for r_ in recs if "loss" in r_]
         return summary
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"timed out after {timeout_s:.0f} s"}

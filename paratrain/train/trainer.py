@@ -326,6 +326,9 @@ class Trainer:
             "peak_flops_per_worker": peak,
             "wall_s": time.time() - t0_wall,
         }
+        if d.device.type == "cuda":  # what the allocator held at its peak, per rank
+            summary["peak_device_mem_mb"] = [r[0] for r in d.gather_floats(
+                [torch.cuda.max_memory_allocated(d.device) / 2**20])]
         summary.update(self.strategy.extra_summary())
         summary.update(self.monitor.summary())
         self.monitor.close()
