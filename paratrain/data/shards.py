@@ -23,6 +23,7 @@ import numpy as np
 from paratrain.config import ConfigError
 from paratrain.data.sources import iter_chunks, source_files
 from paratrain.data.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, Tokenizer, special_ids
+from paratrain.fileio import sha256_file, write_json_atomic
 
 FORMAT = "paratrain-shards"
 VERSION = 1
@@ -83,15 +84,6 @@ class _Sink:
         return self.shards
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def prepare(
     files: Sequence[str | Path],
     out_dir: str | Path,
@@ -150,7 +142,7 @@ def prepare(
     meta = {"format": FORMAT, "version": VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
             "special_ids": special_ids(tok), "dtype": "uint16", "byteorder": "little", "shards": shards,
             "total_tokens": sink.total, "documents": docs, "source": source}
-    _write_json_atomic(out / META, meta)
+    write_json_atomic(out / META, meta)
     return meta
 
 
@@ -182,17 +174,11 @@ def read_meta(shard_dir: str | Path, verify: bool = False) -> dict[str, Any]:
             raise _bad(d, f"is missing {s['file']}")
         if f.stat().st_size != int(s["tokens"]) * DTYPE.itemsize:
             raise _bad(d, f"has {s['file']} of the wrong size (truncated or overwritten)")
-        if verify and _sha256(f) != s["sha256"]:
+        if verify and sha256_file(f) != s["sha256"]:
             raise _bad(d, f"has {s['file']} with a wrong sha256 (corrupted)")
     return meta
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class TokenStream:

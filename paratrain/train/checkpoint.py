@@ -18,7 +18,6 @@ and always uses ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,20 +28,13 @@ from typing import Any
 import torch
 
 from paratrain.config import ConfigError
+from paratrain.fileio import sha256_file
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(ConfigError):
     """A checkpoint is missing, truncated or corrupt (a user-facing error, exit code 2)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tmp_dir(root: Path, step: int) -> Path:
@@ -72,7 +64,7 @@ def commit(root: Path, step: int, keep: int) -> Path:
     files = {}
     for p in sorted(tmp.rglob("*")):
         if p.is_file():
-            files[str(p.relative_to(tmp))] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            files[str(p.relative_to(tmp))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
     final = root / f"step_{step}"
     if final.exists():
@@ -110,7 +102,7 @@ def verify(path: Path) -> dict[str, Any]:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}; resume from an older checkpoint")
-        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
             raise CheckpointError(
                 f"checkpoint {path}: {name} is corrupt or truncated (checksum mismatch); "
                 "delete it to resume from an older one"

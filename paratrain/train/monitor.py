@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from paratrain.fileio import write_json_atomic
 from paratrain.train.metrics import peak_rss_mb
 from paratrain.train.watchdog import start_watchdog
 
@@ -82,9 +83,7 @@ class Goodput:
     def _write(self) -> None:
         state = {"run_id": self.run_id, "job_start": self.job_start, "attempt": self.attempt,
                  "last_step": self.last_step, "last_step_t": self.last_step_t, "recoveries": self.recoveries}
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, state)
 
     def step_end(self, step: int) -> None:
         now = time.time()
