@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from paratrain.config import ModelConfig
-from paratrain.models.blocks import Block, flops_per_token, init_weights
+from paratrain.models.blocks import build_token_stack, flops_per_token, init_weights
 
 
 class BERT(nn.Module):
@@ -17,17 +17,8 @@ class BERT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.vocab_size = vocab_size
-        self.pad_id = pad_id
+        build_token_stack(self, cfg, vocab_size, pad_id, causal=False)
         d = cfg.d_model
-        self.tok_emb = nn.Embedding(vocab_size, d)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, d)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleDict(
-            {str(i): Block(d, cfg.n_head, cfg.d_ff, cfg.dropout, causal=False) for i in range(cfg.n_layer)}
-        )
-        self.norm = nn.LayerNorm(d)
         self.mlm_dense = nn.Linear(d, d)
         self.mlm_act = nn.GELU()
         self.mlm_norm = nn.LayerNorm(d)

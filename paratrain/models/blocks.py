@@ -132,6 +132,21 @@ class DecoderBlock(nn.Module):
         return x + self.ffn(self.ln3(x))
 
 
+def build_token_stack(model: nn.Module, cfg: ModelConfig, vocab_size: int, pad_id: int, causal: bool) -> None:
+    """Give ``model`` what GPT and BERT share: ``tok_emb`` + learned ``pos_emb``, ``drop``,
+    ``layers`` (a ModuleDict "0".."n_layer-1" of causal or bidirectional blocks) and the
+    final ``norm``."""
+    model.cfg, model.vocab_size, model.pad_id = cfg, vocab_size, pad_id
+    d = cfg.d_model
+    model.tok_emb = nn.Embedding(vocab_size, d)
+    model.pos_emb = nn.Embedding(cfg.max_seq_len, d)
+    model.drop = nn.Dropout(cfg.dropout)
+    model.layers = nn.ModuleDict(
+        {str(i): Block(d, cfg.n_head, cfg.d_ff, cfg.dropout, causal=causal) for i in range(cfg.n_layer)}
+    )
+    model.norm = nn.LayerNorm(d)
+
+
 def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
     """The fixed encoding of "Attention Is All You Need", shape (max_len, d_model):
     ``PE[p, 2i] = sin(p / 10000^(2i/d))`` and ``PE[p, 2i+1] = cos(p / 10000^(2i/d))``."""

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from paratrain.config import ModelConfig
-from paratrain.models.blocks import Block, flops_per_token, init_weights
+from paratrain.models.blocks import build_token_stack, flops_per_token, init_weights
 
 
 class GPT(nn.Module):
@@ -22,17 +22,8 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.vocab_size = vocab_size
-        self.pad_id = pad_id
+        build_token_stack(self, cfg, vocab_size, pad_id, causal=True)
         d = cfg.d_model
-        self.tok_emb = nn.Embedding(vocab_size, d)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, d)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleDict(
-            {str(i): Block(d, cfg.n_head, cfg.d_ff, cfg.dropout, causal=True) for i in range(cfg.n_layer)}
-        )
-        self.norm = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.init_weights()
 
