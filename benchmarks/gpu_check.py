@@ -3,7 +3,8 @@ GPU model?  Prints one JSON object (and writes it to ``--out`` when given).
 
 1. ``paratrain doctor --json`` (CUDA, cuDNN, NCCL world-1 all-reduce, gloo).
 2. The measured bf16 / fp32 matmul ceilings of the device (8192^3 products).
-3. Device agreement: the default gpt for 10 fp32 steps on the GPU (NCCL, 1 rank) and on the
+3. Gradient codecs on CUDA tensors (payload device, error feedback, GPU vs CPU decode).
+   Device agreement: the default gpt for 10 fp32 steps on the GPU (NCCL, 1 rank) and on the
    CPU (gloo, 1 rank), same seed and batch: the largest loss difference.
 4. Planner accuracy: for GPT sizes in bf16 autocast on 1 GPU, the planner's predicted step
    time and peak memory (``paratrain plan``'s model, ``--gpu-type`` spec) against the
@@ -64,6 +65,35 @@ def matmul_tflops(dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float
         a @ b
     torch.cuda.synchronize()
     return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+def codecs_on_device() -> dict[str, Any]:
+    """Every gradient codec on a CUDA tensor: payload on the GPU, error feedback exact
+    (decoded + residual == input), and the GPU decode equal to the CPU one where the codec
+    is deterministic (stochastic rounding and PowerSGD's random start use per-device RNGs)."""
+    from paratrain.compression.codecs import get_codec
+
+    out: dict[str, Any] = {}
+    x_cpu = torch.randn(1000, 257, generator=torch.Generator().manual_seed(0))
+    for name, kw in [("fp16", {}), ("bf16", {}), ("int8", {}), ("int8", {"rounding": "stochastic"}),
+                     ("topk", {"ratio": 0.01}), ("powersgd", {"rank": 4})]:
+        key = name + ("-stochastic" if kw.get("rounding") else "")
+        row: dict[str, Any] = {}
+        decoded = {}
+        for dev in ("cpu", "cuda"):
+            codec = get_codec(name, **kw)
+            state = codec.new_state(error_feedback=True, seed=1)
+            x = x_cpu.to(dev)
+            payload = codec.encode(x, state)
+            y = codec.decode(payload)
+            decoded[dev] = y.float().cpu()
+            if dev == "cuda":
+                row["payload_on"] = sorted({t.device.type for t in payload.tensors})
+                row["payload_bytes"] = payload.nbytes
+                row["ef_max_err"] = float((y.float() + state.residual - x).abs().max())
+        row["gpu_vs_cpu_max_diff"] = float((decoded["cuda"] - decoded["cpu"]).abs().max())
+        out[key] = row
+    return out
 
 
 def tiny_config(backend: str, steps: int) -> Config:
@@ -188,7 +218,7 @@ def main() -> int:
                            "cuda": torch.version.cuda}
     steps = [("doctor", doctor), ("matmul", lambda: {"bf16_tflops": matmul_tflops(torch.bfloat16),
                                                       "fp32_tflops": matmul_tflops(torch.float32)}),
-             ("agreement", lambda: agreement(10)),
+             ("codecs", codecs_on_device), ("agreement", lambda: agreement(10)),
              ("planner", lambda: planner_accuracy(args.steps, args.gpu_type))]
     for key, fn in steps:
         try:
