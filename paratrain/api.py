@@ -105,14 +105,14 @@ class RunResult:
         return out
 
 
-def _as_config(config: Config | str | os.PathLike | None) -> Config:
+def _as_config(config: Config | str | os.PathLike | None, own_model: bool = True) -> Config:
     if config is None:
         return Config.default()
     if isinstance(config, Config):
-        config.validate()
+        config.validate(own_model=own_model)
         return config
     if isinstance(config, (str, os.PathLike)):
-        return Config.load(config)
+        return Config.load(config, own_model=own_model)
     raise ConfigError(f"config must be a paratrain.Config or a TOML path, got {type(config).__name__}")
 
 
@@ -144,14 +144,15 @@ def train(config: Config | str | os.PathLike | None = None, *, model: nn.Module 
     ``tp_plan`` / ``pp_split``: tensor / pipeline parallel layout of a foreign model.
     Raises :class:`ConfigError` for user errors and :class:`TrainingFailed` when a run breaks.
     """
+    from paratrain.parallel.pipeline_foreign import check_split, n_stages
     from paratrain.train import launch as L
     from paratrain.train.handoff import IMPORTING_MAIN
-    from paratrain.train.user_model import MeanLoss, check_plans, own_models
+    from paratrain.train.user_model import MeanLoss, check_plans, is_own_spec, own_models
 
     if os.environ.get(IMPORTING_MAIN):
         raise ConfigError(f"paratrain.train() ran while a worker imported {os.environ[IMPORTING_MAIN]}; "
                           "put the call under `if __name__ == \"__main__\":`")
-    cfg = _as_config(config)
+    cfg = _as_config(config, is_own_spec(model))
     _check_pieces(model, loss_fn, train_data, val_data)
     for name, data in (("train_data", train_data), ("val_data", val_data)):
         if data is not None:
@@ -160,6 +161,8 @@ def train(config: Config | str | os.PathLike | None = None, *, model: nn.Module 
         cls = model if isinstance(model, type) else type(model)
         if not issubclass(cls, own_models()):
             check_plans(cfg, cls.__name__, tp_plan, pp_split)  # before any worker starts
+            if isinstance(model, nn.Module) and cfg.parallel.pp > 1:
+                check_split(model, list(pp_split or ()), n_stages(cfg))
     if loss_fn is not None:
         loss_fn = MeanLoss(loss_fn, f"loss_fn {getattr(loss_fn, '__qualname__', type(loss_fn).__name__)}")
     injected = {k: v for k, v in dict(model=model, loss_fn=loss_fn, train_data=train_data, val_data=val_data,

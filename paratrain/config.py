@@ -93,6 +93,7 @@ class ParallelConfig:
     backend: str = "auto"  # auto | gloo | nccl
     bucket_cap_mb: float = 25.0
     fsdp_block: str = ""
+    meta_init: bool = False  # zero = 2/3: build parameters on the meta device, each rank fills its shards
 
 
 @dataclass
@@ -294,8 +295,10 @@ class Config:
         return cfg
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
-        """Build from nested dicts (as TOML gives) plus ``section.key=value`` overrides."""
+    def from_dict(cls, data: dict[str, Any], overrides: typing.Sequence[str] = (), *,
+                  own_model: bool = True) -> Config:
+        """Build from nested dicts (as TOML gives) plus ``section.key=value`` overrides
+        (``own_model``: see :meth:`validate`)."""
         cfg = cls()
         items: list[tuple[str, str, Any]] = []
         for section, table in data.items():
@@ -307,12 +310,14 @@ class Config:
         items += [parse_override(o) for o in overrides]
         for section, key, value in items:
             cfg.set(section, key, value)
-        cfg.validate()
+        cfg.validate(own_model=own_model)
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-        """Load a TOML file (or the defaults when ``path`` is None) and apply overrides."""
+    def load(cls, path: str | Path | None = None, overrides: typing.Sequence[str] = (), *,
+             own_model: bool = True) -> Config:
+        """Load a TOML file (or the defaults when ``path`` is None) and apply overrides
+        (``own_model=False``: the model will be your own, see :meth:`validate`)."""
         data: dict[str, Any] = {}
         if path is not None:
             p = Path(path)
@@ -322,7 +327,7 @@ class Config:
                 data = tomllib.loads(p.read_text())
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
-        return cls.from_dict(data, overrides)
+        return cls.from_dict(data, overrides, own_model=own_model)
 
     def set(self, section: str, key: str, value: Any) -> None:
         """Set one key with type checking (no cross-field validation)."""
@@ -344,8 +349,11 @@ class Config:
         return p.dp or max(1, p.nproc // (p.tp * p.pp))
 
     # ---- validation ----------------------------------------------------------------------
-    def validate(self) -> None:
-        """Check types, ranges, choices and combinations; raise ConfigError on the first problem."""
+    def validate(self, *, own_model: bool = True) -> None:
+        """Check types, ranges, choices and combinations; raise ConfigError on the first problem.
+
+        ``own_model=False``: the model is not built from ``[model]`` (``paratrain.train(model=...)``),
+        so the checks of how paratrain's GPT is pipelined (:meth:`check_model_layout`) are skipped."""
         for section, cls in _SECTIONS.items():
             obj = getattr(self, section)
             for key, typ in _field_types(cls).items():
@@ -363,6 +371,8 @@ class Config:
                 if hi is not None and value > hi:
                     raise ConfigError(f"{section}.{key} = {value} is above its maximum {hi}")
         self._validate_combinations()
+        if own_model:
+            self.check_model_layout()
 
     def _validate_combinations(self) -> None:
         m, d, p = self.model, self.data, self.parallel
@@ -425,17 +435,6 @@ class Config:
                     raise ConfigError(f"model.{key} = {value} is not divisible by parallel.tp = {p.tp}; "
                                       "tensor parallel splits it evenly across ranks")
         if p.pp > 1:
-            if m.arch != "gpt":
-                raise ConfigError(f"pipeline parallel supports model.arch = 'gpt' only, not {m.arch!r}; "
-                                  "use tp or zero for it")
-            if m.tie_embeddings:
-                raise ConfigError("model.tie_embeddings = true cannot span pipeline stages (embedding on the "
-                                  "first, head on the last); set model.tie_embeddings = false")
-            v = p.virtual_stages if p.pp_schedule == "interleaved" else 1
-            if p.pp * v > m.n_layer:
-                what = f"pp * virtual_stages = {p.pp} * {v}" if v > 1 else f"pp = {p.pp}"
-                raise ConfigError(f"parallel.{what} exceeds model.n_layer = {m.n_layer}; "
-                                  "every pipeline stage needs at least one layer")
             mb = p.microbatches or p.pp
             if d.batch_size % mb:
                 raise ConfigError(f"data.batch_size = {d.batch_size} is not divisible by parallel.microbatches = {mb}")
@@ -448,6 +447,10 @@ class Config:
             if p.zero:
                 raise ConfigError("parallel.zero > 0 with pp > 1 is not supported (stages all-reduce "
                                   "gradients over dp); use zero = 0")
+        if p.meta_init and (p.zero < 2 or p.tp > 1 or p.pp > 1):
+            raise ConfigError(f"parallel.meta_init = true builds the parameters on the meta device and needs them "
+                              f"sharded by FSDP2: set parallel.zero = 3 (or 2) with tp = pp = 1 "
+                              f"(now zero = {p.zero}, tp = {p.tp}, pp = {p.pp})")
         if p.zero == 1 and p.tp > 1:
             raise ConfigError("parallel.zero = 1 works with plain data parallel only; with tp > 1 use "
                               "zero = 2 or 3 (FSDP2 on the dp axis)")
@@ -459,6 +462,23 @@ class Config:
         if self.compression.gradient != "none" and (p.tp > 1 or p.pp > 1 or p.zero >= 2):
             raise ConfigError(f"compression.gradient = {self.compression.gradient!r} compresses DDP gradients; "
                               "it needs tp = pp = 1 and zero = 0 or 1")
+
+    def check_model_layout(self) -> None:
+        """How paratrain's own model (``[model]``) is pipelined; skipped for a model of your own."""
+        m, p = self.model, self.parallel
+        if p.pp > 1:
+            if m.arch != "gpt":
+                raise ConfigError(f"pipeline parallel supports model.arch = 'gpt' only, not {m.arch!r}; "
+                                  "use tp or zero for it")
+            if m.tie_embeddings:
+                raise ConfigError("model.tie_embeddings = true cannot span pipeline stages (embedding on the "
+                                  "first, head on the last); set model.tie_embeddings = false (a model of your "
+                                  "own: Config.load(..., own_model=False))")
+            v = p.virtual_stages if p.pp_schedule == "interleaved" else 1
+            if p.pp * v > m.n_layer:
+                what = f"pp * virtual_stages = {p.pp} * {v}" if v > 1 else f"pp = {p.pp}"
+                raise ConfigError(f"parallel.{what} exceeds model.n_layer = {m.n_layer}; "
+                                  "every pipeline stage needs at least one layer")
 
     def _validate_more(self) -> None:
         """Hook for checks owned by other subsystems (model parallel, PS, compression)."""

@@ -83,6 +83,78 @@ def test_worker_errors_come_back_as_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]  # a model defined in the script's __main__, found in the workers
     assert line.startswith("error: the model returned a tensor of shape (8, 1) and no loss: pass paratrain.train")
+    proc = run_script(tmp_path / "badsplit", 2, 8, "badsplit")  # a factory: its split names are checked by the workers
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == (
+        "error: pp_split name 'blocks.9' is not a submodule of TinyLM (e.g. emb, blocks.0, blocks.1, blocks.2)")
+
+
+# ---- pipeline parallel and a meta-device build of a model of your own (2 workers each) --------------
+def lm_config(run_dir, nproc, batch, **parallel):
+    cfg = mlp.config(run_dir, nproc, batch)
+    cfg.checkpoint.every = 5
+    for key, value in parallel.items():
+        setattr(cfg.parallel, key, value)
+    return cfg
+
+
+def train_lm(cfg, model=mlp.TinyLM, **kw):
+    return paratrain.train(cfg, model=model, loss_fn=mlp.token_ce, train_data=mlp.Sequences(),
+                           val_data=mlp.Sequences(64, seed=1), **kw)
+
+
+@pytest.fixture(scope="module")
+def lm_single(tmp_path_factory):
+    """TinyLM in this process, batch 8: the reference for pp = 2 (batch 8) and ZeRO-3 (2 x 4)."""
+    return train_lm(lm_config(tmp_path_factory.mktemp("lm") / "single", 1, 8))
+
+
+def assert_same(a: dict[int, float], b: dict[int, float], steps=range(1, 11)) -> float:
+    assert sorted(b) == list(steps)
+    worst = max(abs(a[s] - b[s]) for s in steps)
+    assert worst < 1e-5, (a, b)
+    return worst
+
+
+def resume_lm(result, run_dir):
+    """Continue a 2-worker run from its step-5 checkpoint in this process (layout-independent DCP)."""
+    cfg = lm_config(run_dir, 1, 8)
+    cfg.checkpoint.path = str(result.checkpoint(5))
+    return train_lm(cfg)
+
+
+def test_pp_split_matches_one_process_and_resumes(lm_single, tmp_path):
+    pp = train_lm(lm_config(tmp_path / "pp", 2, 8, pp=2), pp_split=["blocks.2"])
+    s = pp.summary
+    assert s["strategy"] == "pp2-1f1b" and s["pipeline"]["stages"] == 2 and s["pipeline"]["microbatches"] == 2
+    a = lm_single.losses()
+    assert a[10] < a[1] - 1.0  # it learns
+    assert_same(a, pp.losses())
+    assert abs(lm_single.val_loss - pp.val_loss) < 1e-5
+    model = mlp.TinyLM()
+    model.load_state_dict(pp.state_dict())  # both stages' weights under the single-device names
+    assert_same(a, resume_lm(pp, tmp_path / "resumed").losses(), range(6, 11))
+
+
+def test_meta_device_factory_under_zero3_matches_one_process_and_resumes(lm_single, tmp_path):
+    z3 = train_lm(lm_config(tmp_path / "z3", 2, 4, zero=3), model=mlp.meta_tiny_lm)
+    assert z3.summary["strategy"] == "fsdp" and (z3.checkpoint(5) / "dcp").is_dir()
+    assert_same(lm_single.losses(), z3.losses())  # the same initial weights as a normal build from run.seed
+    assert_same(lm_single.losses(), resume_lm(z3, tmp_path / "resumed").losses(), range(6, 11))
+
+
+def test_params_on_meta_keeps_buffers_real():
+    from paratrain.parallel.meta_init import build_on_meta, has_meta
+
+    class WithMask(mlp.TinyLM):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mask", torch.ones(4, 4).tril())
+
+    m = build_on_meta(WithMask)
+    assert all(p.is_meta for p in m.parameters()) and has_meta(m)
+    assert not m.mask.is_meta and m.mask.sum() == 10
+    assert not nn.Linear(2, 2).weight.is_meta  # the patch is gone afterwards
 
 
 class NoLoss(nn.Module):
@@ -120,9 +192,20 @@ def test_user_errors_are_clear(tmp_path):
     cfg.parallel.tp = 2
     with pytest.raises(ConfigError, match="parallel.tp = 2 needs a tensor-parallel plan for NoLoss"):
         paratrain.train(cfg, model=NoLoss, train_data=mlp.Regression())
-    cfg.parallel.tp, cfg.parallel.pp, cfg.model.tie_embeddings = 1, 2, False
-    with pytest.raises(ConfigError, match="parallel.pp = 2: pipeline parallel does not split foreign models yet"):
-        paratrain.train(cfg, model=NoLoss(), train_data=mlp.Regression(), pp_split=["lin"])
+    cfg.parallel.tp, cfg.parallel.pp = 1, 2  # model.tie_embeddings is paratrain's GPT's, not checked here
+    for split, words in [(["blocks.9"], r"pp_split name 'blocks.9' is not a submodule of TinyLM \(e.g. emb, "),
+                         (["blocks.1", "blocks.2"], "pp_split has 2 names but 2 pipeline stages need 1"),
+                         (None, "parallel.pp = 2 needs split points for TinyLM")]:
+        with pytest.raises(ConfigError, match=words) as e:
+            paratrain.train(cfg, model=mlp.TinyLM(), loss_fn=mlp.token_ce, train_data=mlp.Sequences(),
+                            pp_split=split)
+        assert "\n" not in str(e.value)
+    cfg.parallel.tp, cfg.parallel.nproc = 2, 4
+    with pytest.raises(ConfigError, match="tp > 1 with pp > 1 is not supported for TinyLM"):
+        paratrain.train(cfg, model=mlp.TinyLM, train_data=mlp.Sequences(), pp_split=["blocks.2"], tp_plan={"x": 1})
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.nproc, cfg.parallel.meta_init = 1, 1, 2, True
+    with pytest.raises(ConfigError, match="meta_init = true .* set parallel.zero = 3"):
+        paratrain.train(cfg, model=mlp.TinyLM, train_data=mlp.Sequences())
     assert not (tmp_path / "e").exists()  # nothing was started
     one = mlp.config(tmp_path / "one", 1, 8)
     with pytest.raises(ConfigError, match="returned a tensor of shape .* and no loss: pass paratrain.train"):

@@ -151,16 +151,27 @@ class ModelParallelStrategy(Strategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         d, p = self.dims, self.cfg.parallel
-        model = model.to(d.device)
+        from paratrain.parallel.meta_init import has_meta, materialize
+
+        meta = has_meta(model)  # a meta-device build (ZeRO-3): FSDP2 shards first, then each rank fills its shards
+        if not meta:
+            model = model.to(d.device)
         if d.pp > 1:
             from paratrain.models import GPT
             from paratrain.parallel.pipeline import PipelineRunner
 
+            m = p.microbatches or d.pp
+            split = getattr(model, "paratrain_pp_split", None)
+            if split is not None and not isinstance(model, GPT):
+                from paratrain.parallel.pipeline_foreign import ForeignPipelineRunner
+
+                example, loss_fn = model.paratrain_pp_example
+                self.pipe = ForeignPipelineRunner(model, d, p.pp_schedule, m, p.virtual_stages, split, example,
+                                                  loss_fn)
+                return PipelineModel(self.pipe.chunks)
             if not isinstance(model, GPT):
                 raise ConfigError(f"pipeline parallel supports paratrain's GPT only, not {type(model).__name__}; "
                                   "use tp or zero for this model")
-
-            m = p.microbatches or d.pp
             self.pipe = PipelineRunner(model, d, p.pp_schedule, m, p.virtual_stages, self._transform)
             return PipelineModel(self.pipe.chunks)
         model = self._transform(model)
@@ -169,6 +180,8 @@ class ModelParallelStrategy(Strategy):
 
             apply_fsdp(model, model.layer_modules(), d.axis_mesh("dp"), p.zero, p.cpu_offload)
             self.fsdp = True
+        if meta:
+            materialize(model, d.device, self.cfg.run.seed)
         return model
 
     def dcp_modules(self, model: nn.Module) -> list[nn.Module]:
@@ -198,9 +211,11 @@ class ModelParallelStrategy(Strategy):
                 return super().forward_backward(model, micro_batches, full_loss, scale, autocast)
         total = torch.zeros((), dtype=torch.float64)
         ls = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        foreign = hasattr(self.pipe, "eval_stats")  # a traced foreign model: the pipeline calls the loss
         for batch in micro_batches:
             with autocast():
-                total += self.pipe.train_step(batch, scale * ls)
+                total += (self.pipe.train_step(batch, scale * ls, loss_fn) if foreign
+                          else self.pipe.train_step(batch, scale * ls))
         return total
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:

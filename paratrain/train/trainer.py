@@ -77,8 +77,14 @@ class Trainer:
         vocab = cfg.model.vocab_size or self.data.vocab_size
         if vocab < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size = {vocab} is smaller than the tokenizer's {self.data.vocab_size}")
-        model = self.user.build_model(vocab, self.data.pad_id) if self.user else build_model(
-            cfg.model, vocab, self.data.pad_id)
+        if self.user:
+            model = self.user.build_model(vocab, self.data.pad_id)
+        elif cfg.parallel.meta_init:  # parameters on the meta device; each rank fills its shards in wrap()
+            from paratrain.parallel.meta_init import build_on_meta
+
+            model = build_on_meta(lambda: build_model(cfg.model, vocab, self.data.pad_id))
+        else:
+            model = build_model(cfg.model, vocab, self.data.pad_id)
         self.n_params = count_params(model)
         self.flops_per_token = UserRun.flops_per_token(model, cfg.data.seq_len, self.n_params)
         self.strategy = strategy or build_strategy(cfg, dims)

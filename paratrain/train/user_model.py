@@ -19,6 +19,7 @@ Without a loss_fn the loss is chosen by what is trained on what:
 
 from __future__ import annotations
 
+import copy
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -115,11 +116,36 @@ def check_plans(cfg: Config, model_name: str, tp_plan: Any, pp_split: Any) -> No
             "paratrain.train(..., pp_split=['module.name where stage 2 starts', ...])"
         )
     if p.pp > 1:
-        from paratrain.parallel import pipeline
+        from paratrain.parallel.pipeline_foreign import n_stages
 
-        if not getattr(pipeline, "SUPPORTS_PP_SPLIT", False):
-            raise ConfigError(f"parallel.pp = {p.pp}: pipeline parallel does not split foreign models yet "
-                              f"({model_name}); use zero = 3 or tp with a tp_plan")
+        if p.tp > 1:
+            raise ConfigError(f"parallel.tp > 1 with pp > 1 is not supported for {model_name} (a traced pipeline "
+                              "stage cannot hold DTensors); use pp_split or tp_plan, not both")
+        if cfg.train.activation_checkpointing != "none":
+            raise ConfigError(f"train.activation_checkpointing = {cfg.train.activation_checkpointing!r} does not "
+                              f"apply to the traced pipeline stages of {model_name}; set it to 'none' with pp > 1")
+        n = n_stages(cfg)
+        if len(pp_split) != n - 1:
+            raise ConfigError(f"pp_split has {len(pp_split)} names but {n} pipeline stages need {n - 1} "
+                              "(the modules where stages 2, 3, ... start)")
+
+
+def is_own_spec(spec: Any) -> bool:
+    """Whether a ``model=`` argument is absent or one of paratrain's own classes / instances
+    (then the ``[model]`` section describes it; a factory counts as foreign)."""
+    own = own_models()
+    return spec is None or isinstance(spec, own) or isinstance(spec, type) and issubclass(spec, own)
+
+
+def check_meta(model: nn.Module, cfg: Config) -> None:
+    """A model with parameters on the meta device needs a layout that materializes shards."""
+    from paratrain.parallel.meta_init import has_meta
+
+    p = cfg.parallel
+    if has_meta(model) and (p.zero < 2 or p.tp > 1 or p.pp > 1 or cfg.dp == 1):
+        raise ConfigError(f"{type(model).__name__} was built on the meta device: that needs parallel.zero = 3 "
+                          f"(or 2) over dp > 1 ranks with tp = pp = 1, where each rank fills its own shards; build "
+                          "it on the CPU otherwise")
 
 
 def prepare_foreign_model(model: nn.Module, cfg: Config, tp_plan: Any = None, pp_split: Any = None) -> nn.Module:
@@ -293,8 +319,16 @@ class UserRun:
             if vocab_size <= 0:
                 raise ConfigError("set model.vocab_size to train paratrain's model on your own data")
             model = build_model(self.cfg.model, vocab_size, pad_id)
+        elif self.cfg.parallel.meta_init:
+            from paratrain.parallel.meta_init import build_on_meta
+
+            if isinstance(self.model_spec, nn.Module):
+                raise ConfigError("parallel.meta_init = true needs a model factory (paratrain builds it on the meta "
+                                  "device), not a model instance")
+            model = build_on_meta(lambda: resolve_model(self.model_spec))
         else:
             model = resolve_model(self.model_spec)
+        check_meta(model, self.cfg)
         self.foreign = not is_own_model(model)
         self.arch = "custom" if self.foreign else self.cfg.model.arch
         if self.foreign:
@@ -303,6 +337,8 @@ class UserRun:
                 raise ConfigError(f"the model's vocab_size = {vocab} is smaller than the tokenizer's "
                                   f"{self.data.vocab_size} (data.source = {self.cfg.data.source!r})")
             model = prepare_foreign_model(model, self.cfg, self.tp_plan, self.pp_split)
+        elif self.cfg.parallel.pp > 1:
+            self.cfg.check_model_layout()  # a factory that returned paratrain's own model
         if self.user_loss is not None:
             self.loss_fn = self.user_loss
         elif self.foreign and not self.own_data:
@@ -310,7 +346,21 @@ class UserRun:
         else:
             self.loss_fn = LogitsLoss()
         self.count = getattr(self.loss_fn, "count", LogitsLoss.count)
+        if self.foreign and self.cfg.parallel.pp > 1:  # the pipeline is traced on the first batch
+            model.paratrain_pp_example = (self.first_batch(), self.loss_fn)
         return model
+
+    def first_batch(self) -> Any:
+        """This rank's first training batch, read from a copy of the source (which is left as it was)."""
+        from paratrain.data.user_data import IterableBatches
+
+        src = copy.copy(self.data.train)
+        if isinstance(src, IterableBatches):
+            if src.one_shot:
+                raise ConfigError("pipeline parallel traces the model on the first batch: pass train_data as a "
+                                  "re-iterable (a list, Dataset or DataLoader), not an iterator")
+            src._it, src.epoch, src.group = None, 0, 0
+        return next(src)
 
     @staticmethod
     def flops_per_token(model: nn.Module, seq_len: int, n_params: int) -> float:
@@ -329,6 +379,10 @@ class UserRun:
     def eval_stats(self, model: nn.Module, batch: Any, strategy: Any) -> torch.Tensor:
         """[loss sum, count, exact matches, samples] of one validation batch."""
         ev = getattr(self.loss_fn, "eval_stats", None)
+        pipe = getattr(strategy, "pipe", None)
+        if self.foreign and hasattr(pipe, "eval_stats"):  # a traced pipeline: stats from the last stage
+            stats = ev or LogitsLoss().eval_stats
+            return pipe.eval_stats(batch, self.loss_fn, lambda m, b: stats(m, b, None))
         if ev is not None:
             return ev(model, batch, strategy)
         return LogitsLoss().eval_stats(model, batch, strategy)

@@ -19,12 +19,14 @@ _HELD: list = []  # the trainer, kept alive until os._exit (see run_worker)
 def main(argv: list[str]) -> int:
     injected_file = Path(argv[argv.index("--injected") + 1]) if "--injected" in argv else None
     try:
-        cfg = Config.load(argv[0])
         injected = {}
         if injected_file is not None:
             from paratrain.train.handoff import load_injected
 
             injected = load_injected(injected_file)
+        from paratrain.train.user_model import is_own_spec
+
+        cfg = Config.load(argv[0], own_model=is_own_spec(injected.get("model")))
         run_worker(cfg, hold=_HELD, **injected)
     except ConfigError as e:
         print(f"paratrain: error: {e}", file=sys.stderr)
