@@ -1,6 +1,7 @@
 """Planner: the papers' worked examples (pure arithmetic), the search and the CLI contract.
 
-Nothing here measures the machine or trains: the CPU spec is the documented default.
+Nothing here trains, and only the 2-rank layer probe's smoke test measures anything: the
+CPU spec is the documented default.
 """
 
 from __future__ import annotations
@@ -117,6 +118,34 @@ def test_parameter_server_scales_with_servers() -> None:
     one = estimate(model, Layout(dp=16, microbatch=1, sync="ps", ps_servers=1), setup, CPU_DEFAULT)
     four = estimate(model, Layout(dp=16, microbatch=1, sync="ps", ps_servers=4), setup, CPU_DEFAULT)
     assert four.time_parts["ps_comm"] < one.time_parts["ps_comm"] / 3
+
+
+def test_probed_layer_factors_replace_modelled_tp_and_zero3_cost() -> None:
+    """With the 2-rank probe's factors a tp2 block costs factor x the unsplit block, and an
+    FSDP2 unit adds (factor - 1) blocks; without them the modelled terms apply."""
+    model = ModelSpec("tiny", "gpt", 4, 128, 4, 256, 128)
+    setup = Setup(global_batch=16, precision="fp32")
+    hw = CPU_DEFAULT.with_(tp2_layer_factor=1.25, fsdp2_layer_factor=1.5, alloc_bw=0.0)
+    peak = hw.peak("fp32") * hw.efficiency
+    per_layer_tok = (model.flops_per_token("none") - 6.0 * model.vocab * model.d_model) / model.total_layers
+    t_layer = per_layer_tok * 16 * 128 / peak + hw.layer_overhead_s
+    head = 6.0 * model.vocab * model.d_model * 16 * 128 / (2 * peak)
+    tp = estimate(model, Layout(tp=2, microbatch=16, sp=False), setup, hw)
+    assert tp.time_parts["compute"] == pytest.approx(4 * t_layer * 1.25 + head)
+    assert tp.time_parts["tp_comm"] == 0.0
+    z3 = estimate(model, Layout(dp=2, zero=3, microbatch=16), Setup(global_batch=32, precision="fp32"), hw)
+    assert z3.time_parts["zero3_comm"] == pytest.approx(5 * t_layer * 0.5)
+    plain = CPU_DEFAULT.with_(alloc_bw=0.0)
+    assert estimate(model, Layout(tp=2, microbatch=16, sp=False), setup, plain).time_parts["tp_comm"] > 0
+    tp4 = estimate(model, Layout(tp=4, microbatch=16, sp=False), setup, hw)  # measured for 2 ranks only
+    assert tp4.time_parts["tp_comm"] > 0
+
+
+def test_layer_probe_runs_on_two_ranks() -> None:
+    from paratrain.planner.probe import probe_layers
+
+    r = probe_layers(16, 2, 32, micro=2, seq=8, repeats=2)
+    assert r["plain_s"] > 0 and r["tp_ratio"] > 0 and r["fsdp_ratio"] > 0
 
 
 # ---- FLOPs and parameters -------------------------------------------------------------------------------

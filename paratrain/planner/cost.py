@@ -19,7 +19,11 @@ Per step (``m = B / (dp b)`` micro-batches of ``b`` sequences, ``p`` stages, ``v
 * parameter server: each worker pushes gradients and pulls parameters; each of ``S``
   servers moves ``W/S`` of everybody's bytes;
 * optimizer: a memory-bound pass over the parameters this rank updates;
-* allocation (CPU ZeRO runs only): large buffers are fresh mmaps that page-fault.
+* allocation (CPU ZeRO runs only): large buffers are fresh mmaps that page-fault;
+* measured instead of modelled (``plan --measure`` on CPU, planner/probe.py): a 2-way TP
+  block and an FSDP2 unit as multiples of the plain block, from two ranks running one
+  block of the config's shape (collectives, DTensor dispatch and the ranks' stalls on
+  shared cores included).
 """
 
 from __future__ import annotations
@@ -214,10 +218,18 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
     head_tok = 6.0 * model.vocab * h
     stage_flops_tok = [c * per_layer_tok + (head_tok if i == p - 1 else 0.0) for i, c in enumerate(counts)]
     t_mb_compute = max(stage_flops_tok) * b * s / (t * peak) + max(counts) * hw.layer_overhead_s
-    if t > 1:
+    # a block's forward + backward on one rank, unsplit (what the 2-rank probe factors scale)
+    t_layer = per_layer_tok * b * s / peak + hw.layer_overhead_s
+    probed_tp = t == 2 and hw.tp2_layer_factor > 0
+    if probed_tp:
+        # measured on 2 ranks (planner/probe.py): the TP block with its all-reduces, DTensor
+        # dispatch and the ranks' stalls; the head stays a modelled 1/t share
+        t_mb_compute = max(counts) * t_layer * hw.tp2_layer_factor + (
+            max(stage_flops_tok) - max(counts) * per_layer_tok) * b * s / (t * peak)
+    elif t > 1:
         # DTensor dispatch per TP block, + one for the vocab-parallel embedding / head (measured on CPU; 0 on GPUs)
         t_mb_compute += (max(counts) + 1) * hw.tp_layer_s
-    if t > 1 and not sp:
+    if t > 1 and not sp and not probed_tp:
         # without sequence parallelism every TP rank repeats the LayerNorms and residual adds
         # (memory-bound, ~22 h elements per token per layer forward + backward), which the
         # division by t above wrongly split
@@ -226,7 +238,7 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
     # TP: all-reduces of b s h activations per layer per micro-batch
     tp_bw, tp_lat = link(t, hw)
     n_ar = setup.tp_allreduces + (2 if lay.recompute == "full" else 0)
-    t_mb_tp = max(counts) * n_ar * allreduce_time(b * s * h * e, t, tp_bw, tp_lat) if t > 1 else 0.0
+    t_mb_tp = max(counts) * n_ar * allreduce_time(b * s * h * e, t, tp_bw, tp_lat) if t > 1 and not probed_tp else 0.0
     t_mb = t_mb_compute + t_mb_tp
     compute = m * t_mb_compute
     tp_comm = m * t_mb_tp
@@ -252,7 +264,11 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
         ps_comm = t_ps if setup.ps_mode == "sync" else overlapped(t_ps, m * t_mb_compute, 0.0, True)
     elif d > 1:
         t_ar = allreduce_time(grad_bytes, d, dp_bw, dp_lat)
-        if lay.zero == 3:
+        if lay.zero == 3 and d == 2 and t == 1 and hw.fsdp2_layer_factor > 0:
+            # measured on 2 ranks (planner/probe.py): an FSDP2 unit's gathers, reduce-scatter,
+            # hooks and stalls, as a multiple of its block; the root unit counted as one block
+            zero3_comm = m * (max(counts) + 1) * t_layer * max(0.0, hw.fsdp2_layer_factor - 1)
+        elif lay.zero == 3:
             intra = t * p * d <= hw.devices_per_node
             g_bw = hw.gather_bw if (hw.gather_bw and intra) else dp_bw
             g_lat = hw.gather_latency if (hw.gather_latency and intra) else dp_lat

@@ -52,6 +52,10 @@ class HardwareSpec:
     dtensor_param_s: float = 0.0  # extra host time per DTensor parameter per step (optimizer, clip)
     tp_layer_s: float = 0.0  # extra host time of a DTensor tensor-parallel layer per micro-batch
     gather_latency: float = 0.0  # per all-gather / reduce-scatter inside a node; 0: intra_latency
+    # measured by planner/probe.py on 2 ranks (0: modelled): a 2-way tensor-parallel block / an
+    # FSDP2 block costs this many times the plain block with both ranks busy, everything included
+    tp2_layer_factor: float = 0.0
+    fsdp2_layer_factor: float = 0.0
     measured: dict[str, Any] = field(default_factory=dict)
 
     def peak(self, precision: str) -> float:

@@ -266,6 +266,23 @@ def _calibrated(base: Config, spec: ModelSpec, config_path: str | None, threads:
     return calibrate(base, spec, hw_now, threads, micro, busy_threads)
 
 
+def _probe_factors(cfg: Config, ml: MeasureLayout, threads: int, micro: int) -> dict[str, float]:
+    """The 2-rank layer probe's TP / FSDP2 factors for a tp2 or zero3 layout (else none)."""
+    if not (ml.tp == 2 or (ml.zero == 3 and ml.nproc == 2)):
+        return {}
+    from paratrain.planner.probe import probe_layers
+
+    m = cfg.model
+    r = probe_layers(m.d_model, m.n_head, m.d_ff, micro, cfg.data.seq_len, threads)
+    return {"plain_ms": r["plain_s"] * 1e3, "tp2_layer_factor": r["tp_ratio"], "fsdp2_layer_factor": r["fsdp_ratio"]}
+
+
+def _with_probe(hw: HardwareSpec, probes: list[dict[str, float]]) -> HardwareSpec:
+    if not probes:
+        return hw
+    return hw.with_(**{k: sum(p[k] for p in probes) / len(probes) for k in ("tp2_layer_factor", "fsdp2_layer_factor")})
+
+
 def check_layouts(config_path: str | None, names: list[str], steps: int = 20,
                   wait_quiet_s: float = 0.0) -> dict[str, Any]:
     """Predict and measure each named layout; the JSON the benchmark records.
@@ -305,13 +322,18 @@ def check_layouts(config_path: str | None, names: list[str], steps: int = 20,
         lay_spec = spec_from_config(cfg, name=spec.name)
         if lay_spec.tied != spec.tied:
             row["note"] = "model.tie_embeddings = false (pipeline stages cannot share the embedding)"
-        pred_before, pred_mem = predict(cfg, lay_spec, lay_hw)
+        probe_before = _probe_factors(cfg, ml, threads, micro)
+        pred_before, pred_mem = predict(cfg, lay_spec, _with_probe(lay_hw, [probe_before] if probe_before else []))
         hw = lay_hw  # the latest measurement, for the report's header
         summary = run_layout(cfg)
         row["calibration"].update(load_avg_after=os.getloadavg()[0], cpu_busy_after=cpu_busy(0.5))
-        # this machine's speed drifts by tens of percent over minutes: calibrate again after the
-        # run and predict with the mean of the two (both are reported)
-        pred_after, _ = predict(cfg, lay_spec, _calibrated(base, spec, config_path, *calib_args))
+        # this machine's speed drifts by tens of percent over minutes: calibrate (and probe) again
+        # after the run and predict with the mean of the two (both are reported)
+        probe_after = _probe_factors(cfg, ml, threads, micro)
+        if probe_before:
+            row["probe"] = {"before": probe_before, "after": probe_after}
+        pred_after, _ = predict(cfg, lay_spec, _with_probe(_calibrated(base, spec, config_path, *calib_args),
+                                                           [probe_after] if probe_after else []))
         pred_s = (pred_before + pred_after) / 2
         row["predicted_step_ms_before_after"] = [pred_before * 1e3, pred_after * 1e3]
         if summary.get("status") != "ok":
