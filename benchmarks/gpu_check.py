@@ -4,8 +4,9 @@ GPU model?  Prints one JSON object (and writes it to ``--out`` when given).
 1. ``paratrain doctor --json`` (CUDA, cuDNN, NCCL world-1 all-reduce, gloo).
 2. The measured bf16 / fp32 matmul ceilings of the device (8192^3 products).
 3. Gradient codecs on CUDA tensors (payload device, error feedback, GPU vs CPU decode).
-   Device agreement: the default gpt for 10 fp32 steps on the GPU (NCCL, 1 rank) and on the
-   CPU (gloo, 1 rank), same seed and batch: the largest loss difference.
+   Device agreement, plain and through one parameter server (needs pyzmq there): the
+   default gpt for 10 fp32 steps on the GPU (NCCL, 1 rank) and on the CPU (gloo, 1 rank),
+   same seed and batch: the largest loss difference.
 4. Planner accuracy: for GPT sizes in bf16 autocast on 1 GPU, the planner's predicted step
    time and peak memory (``paratrain plan``'s model, ``--gpu-type`` spec) against the
    measured median step time and ``torch.cuda.max_memory_allocated``; and the step time
@@ -96,18 +97,19 @@ def codecs_on_device() -> dict[str, Any]:
     return out
 
 
-def tiny_config(backend: str, steps: int) -> Config:
+def tiny_config(backend: str, steps: int, **parallel: Any) -> Config:
     cfg = Config.default()
     data = cfg.to_dict()
-    data["parallel"].update(nproc=1, backend=backend)
+    data["parallel"].update(nproc=1, backend=backend, **parallel)
     data["train"].update(steps=steps, eval_every=0, log_every=1, deterministic=True)
     data["checkpoint"].update(every=0, keep=0, resume=False, path="")
     return Config.from_dict(data)
 
 
-def agreement(steps: int) -> dict[str, Any]:
-    gpu = run_layout(tiny_config("nccl", steps), timeout_s=600)
-    cpu = run_layout(tiny_config("gloo", steps), timeout_s=600)
+def agreement(steps: int, **parallel: Any) -> dict[str, Any]:
+    """The same run on the GPU and on the CPU: the largest loss difference."""
+    gpu = run_layout(tiny_config("nccl", steps, **parallel), timeout_s=600)
+    cpu = run_layout(tiny_config("gloo", steps, **parallel), timeout_s=600)
     out: dict[str, Any] = {"gpu_status": gpu.get("status"), "cpu_status": cpu.get("status")}
     if gpu.get("status") == "ok" and cpu.get("status") == "ok":
         diffs = [abs(a - b) for a, b in zip(gpu["losses"], cpu["losses"], strict=True)]
@@ -219,6 +221,7 @@ def main() -> int:
     steps = [("doctor", doctor), ("matmul", lambda: {"bf16_tflops": matmul_tflops(torch.bfloat16),
                                                       "fp32_tflops": matmul_tflops(torch.float32)}),
              ("codecs", codecs_on_device), ("agreement", lambda: agreement(10)),
+             ("ps_agreement", lambda: agreement(10, sync="ps")),
              ("planner", lambda: planner_accuracy(args.steps, args.gpu_type))]
     for key, fn in steps:
         try:
