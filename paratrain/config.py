@@ -67,6 +67,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    loss_scale: float = 65536.0  # fp16: initial dynamic loss scale
+    loss_scale_growth_interval: int = 2000  # fp16: overflow-free steps before the scale doubles
     activation_checkpointing: str = "none"  # none | full | selective
     eval_every: int = 100  # 0 = never (a final eval still runs)
     eval_batches: int = 8
@@ -195,6 +197,8 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("train", "weight_decay"): (0.0, 10.0),
     ("train", "warmup_steps"): (0, None),
     ("train", "grad_clip"): (0.0, None),
+    ("train", "loss_scale"): (1.0, None),
+    ("train", "loss_scale_growth_interval"): (1, None),
     ("train", "grad_accum"): (1, None),
     ("train", "eval_every"): (0, None),
     ("train", "eval_batches"): (1, None),

@@ -32,6 +32,8 @@ GPT_UNTIED = [*GPT, "--model.tie_embeddings=false", "--model.n_layer=4"]
 S2S = [*STEPS, "--model.arch=seq2seq", '--data.source="synthetic:reverse"', "--data.task_len=4",
        "--data.seq_len=10", "--data.batch_size=8", "--data.num_samples=512"]
 CKPT5 = ["--checkpoint.every=5", "--checkpoint.keep=2"]
+# the scale doubles every 2 clean steps and halves on overflow: it changes within 5 steps
+FP16_GROWING = ["--train.precision=fp16", "--train.loss_scale_growth_interval=2"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -160,10 +162,12 @@ def runs(tmp_path_factory, corpus) -> Path:
 
     # single-process references (in this process)
     for name, base, extra in [("single", GPT, CKPT5), ("single_untied", GPT_UNTIED, ()), ("s2s_single", S2S, ()),
-                              ("single_fp16", GPT, ["--train.precision=fp16"]),
+                              ("single_fp16", GPT, [*FP16_GROWING, *CKPT5]),
                               ("ac_full", GPT, ["--train.activation_checkpointing=full"]),
                               ("ac_selective", GPT, ["--train.activation_checkpointing=selective"])]:
         assert launch(cfg(name, base, "--parallel.nproc=1", *extra))["status"] == "ok"
+    assert launch(cfg("single_fp16_resumed", GPT, "--parallel.nproc=1", *FP16_GROWING,
+                      from_ckpt="single_fp16"))["status"] == "ok"
     dp2 = ["--parallel.nproc=2", "--data.batch_size=4"]
     pp2 = ["--parallel.nproc=2", "--parallel.pp=2", "--parallel.microbatches=4"]
     run_group(2, [
@@ -209,6 +213,13 @@ def test_fp16_loss_scaling_under_sharding(runs):
     assert len(set(fp16["loss_scale"])) == 1 and len(set(fp16["skipped_steps"])) == 1, fp16
     a, b = losses(runs / "single_fp16"), losses(runs / "zero2_fp16")
     assert all(abs(a[s] - b[s]) < 0.2 for s in a) and b[10] < b[1] - 0.3, (a, b)
+
+
+def test_fp16_resume_keeps_the_loss_scale(runs):
+    # the scale backs off on overflow: a resume that restarted it at 2^16 would take other steps
+    fp16, resumed = summary(runs / "single_fp16")["fp16"], summary(runs / "single_fp16_resumed")["fp16"]
+    assert fp16["skipped_steps"][0] > 0 and fp16 == resumed, (fp16, resumed)
+    assert_parity(runs / "single_fp16", runs / "single_fp16_resumed", tol=1e-6, steps=range(6, 11))
 
 
 @pytest.mark.parametrize("name", ["s2s_tp2", "s2s_tp4"])

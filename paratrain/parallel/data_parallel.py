@@ -72,4 +72,4 @@ class DDPStrategy(Strategy):
         return self.compression.step_metrics() if self.compression is not None else {}
 
     def extra_summary(self) -> dict:
-        return self.compression.summary() if self.compression is not None else {}
+        return {**super().extra_summary(), **(self.compression.summary() if self.compression is not None else {})}

@@ -266,10 +266,7 @@ class ModelParallelStrategy(Strategy):
     def extra_summary(self) -> dict[str, Any]:
         d, p = self.dims, self.cfg.parallel
         out: dict[str, Any] = {"layout": {"dp": d.dp, "tp": d.tp, "pp": d.pp, "zero": p.zero,
-                                          "cpu_offload": p.cpu_offload}}
-        if self.loss_scaler is not None:  # every rank must have taken the same skip decisions
-            per_rank = d.gather_floats([self.loss_scaler.scale, self.loss_scaler.skipped])
-            out["fp16"] = {"loss_scale": [r[0] for r in per_rank], "skipped_steps": [int(r[1]) for r in per_rank]}
+                                          "cpu_offload": p.cpu_offload}, **super().extra_summary()}
         if self.pipe is not None:
             measured, theory = self.pipe.bubble()
             t = torch.tensor([measured if math.isfinite(measured) else 0.0, 1.0], dtype=torch.float64)

@@ -34,7 +34,9 @@ class Strategy:
         self.dims = dims
         self.comm_bytes = 0  # bytes this worker sent since the last take_comm_bytes()
         # fp16: dynamic loss scaling, overflow agreed by all ranks (see parallel/memory.py)
-        self.loss_scaler = LossScaler() if cfg.train.precision == "fp16" else None
+        t = cfg.train
+        self.loss_scaler = (LossScaler(t.loss_scale, growth_interval=t.loss_scale_growth_interval)
+                            if t.precision == "fp16" else None)
 
     # ---- setup ----------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -151,8 +153,12 @@ class Strategy:
         return []
 
     def extra_summary(self) -> dict[str, Any]:
-        """Strategy-specific fields for summary.json."""
-        return {}
+        """Strategy-specific fields for summary.json (a collective: every rank calls it)."""
+        if self.loss_scaler is None:
+            return {}
+        # every rank must have taken the same skip decisions
+        per_rank = self.dims.gather_floats([self.loss_scaler.scale, self.loss_scaler.skipped])
+        return {"fp16": {"loss_scale": [r[0] for r in per_rank], "skipped_steps": [int(r[1]) for r in per_rank]}}
 
     def close(self) -> None:
         """Release sockets, servers, hooks."""

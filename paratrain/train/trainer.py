@@ -136,6 +136,8 @@ class Trainer:
                 "step": self.step, "data": self.data.train.state_dict(), "world_size": d.world_size,
                 "strategy": self.strategy.name, "arch": self.user.arch if self.user else self.cfg.model.arch,
                 "productive_s": self.monitor.productive_s if self.monitor else 0.0,
+                # fp16: every rank holds the same scale (the overflow vote is world-wide)
+                **({"loss_scaler": self.strategy.loss_scaler.state_dict()} if self.strategy.loss_scaler else {}),
             })
         if d.is_main or self.strategy.sharded_optimizer:
             ckpt.save_file(tmp, f"optim_rank{d.rank}.pt" if self.strategy.sharded_optimizer else "optim.pt", optim)
@@ -172,6 +174,8 @@ class Trainer:
         if (path / rank_file).exists():
             torch.set_rng_state(ckpt.load_file(path, rank_file)["torch_rng"])
         self.strategy.load_extra(path)
+        if self.strategy.loss_scaler is not None and "loss_scaler" in meta:
+            self.strategy.loss_scaler.load_state_dict(meta["loss_scaler"])
         self.data.train.load_state_dict(meta["data"])
         self.step = int(meta["step"])
 
