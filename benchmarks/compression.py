@@ -1,12 +1,18 @@
 """Gradient compression benchmark: every codec on the all-reduce and parameter-server paths.
 
 Trains the default GPT for a fixed number of steps with 2 workers, once uncompressed (fp32)
-and once per codec (plus top-k without error feedback), on each path, side by side in one
-run.  Prints JSON: per run the bytes per step, final val loss and median step time, and
-each relative to the fp32 run of the same path.
+and once per codec (plus top-k without error feedback and, with ``--warmup-steps N``, top-k
+with a warm-up of N steps), on each path, side by side in one run.  Prints JSON: per run the
+bytes per step, final val loss and median step time, and each relative to the fp32 run of
+the same path.
+
+Bytes per step come from metrics.jsonl (every step is logged): ``bytes_per_step`` is the
+mean over *all* steps of the run, warm-up included, and ``bytes_per_step_steady`` the mean
+after the compression warm-up; summary.json's ``comm_bytes_per_step`` skips the first 3
+steps (a timing warm-up), which would hide the densest steps of a compression warm-up.
 
     python benchmarks/compression.py [--steps 100] [--paths allreduce,ps] [--codecs fp16,int8,...]
-                                     [--set=--train.optimizer=sgd ...]
+                                     [--warmup-steps 18] [--set=--train.optimizer=sgd ...]
 """
 
 from __future__ import annotations
@@ -22,6 +28,15 @@ from pathlib import Path
 CODECS = ["fp16", "bf16", "int8", "topk", "powersgd"]
 PATHS = {"allreduce": ["--parallel.sync=allreduce"], "ps": ["--parallel.sync=ps", "--ps.mode=async"]}
 RUNNER = "import sys; from paratrain.cli import main; sys.exit(main())"
+
+
+def step_bytes(run_dir: Path) -> list[int]:
+    """Bytes this rank sent at each step, from metrics.jsonl (the benchmark logs every step)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["comm_bytes"] for r in rows if "comm_bytes" in r]
 
 
 def run_one(run_dir: Path, overrides: list[str], timeout_s: float) -> dict:
@@ -76,31 +91,42 @@ def main() -> int:
     ap.add_argument("--paths", default="allreduce,ps")
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--topk-ratio", type=float, default=0.01)
+    ap.add_argument("--warmup-steps", type=int, default=0,
+                    help="also run top-k (error feedback on) with compression.warmup_steps = N")
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     ap.add_argument("--set", action="append", default=[], metavar="--SECTION.KEY=VALUE",
                     help="extra override for every run, e.g. --set=--train.optimizer=sgd (repeatable)")
     ap.add_argument("--out", default="", help="also write the JSON here")
     args = ap.parse_args()
-    common = [f"--train.steps={args.steps}", "--parallel.nproc=2", "--train.eval_every=0",
+    common = [f"--train.steps={args.steps}", "--parallel.nproc=2", "--train.eval_every=0", "--train.log_every=1",
               f"--train.eval_batches={args.eval_batches}", "--checkpoint.keep=0",
               f"--compression.topk_ratio={args.topk_ratio}", *args.set]
-    variants = [("fp32", ["--compression.gradient=none"])]
+    variants = [("fp32", ["--compression.gradient=none"], 0)]
     for c in args.codecs.split(","):
-        variants.append((c, [f"--compression.gradient={c}"]))
+        variants.append((c, [f"--compression.gradient={c}"], 0))
         if c == "topk":
-            variants.append(("topk-no-ef", ["--compression.gradient=topk", "--compression.error_feedback=false"]))
+            variants.append(("topk-no-ef", ["--compression.gradient=topk", "--compression.error_feedback=false"], 0))
+            if args.warmup_steps:
+                variants.append((f"topk-warmup{args.warmup_steps}", [
+                    "--compression.gradient=topk", f"--compression.warmup_steps={args.warmup_steps}"],
+                    args.warmup_steps))
     results: dict = {"steps": args.steps, "workers": 2, "model": "default gpt", "topk_ratio": args.topk_ratio,
                      "overrides": args.set, "paths": {}}
     results["codec_ms_per_step"] = codec_cost(["none", *args.codecs.split(",")], args.topk_ratio)
     with tempfile.TemporaryDirectory(prefix="bench-compression-") as tmp:
         for path in args.paths.split(","):
             rows: dict = {}
-            for name, extra in variants:
-                s = run_one(Path(tmp) / f"{path}-{name}", [*common, *PATHS[path], *extra], args.timeout)
+            for name, extra, warm in variants:
+                run_dir = Path(tmp) / f"{path}-{name}"
+                s = run_one(run_dir, [*common, *PATHS[path], *extra], args.timeout)
+                per_step = step_bytes(run_dir)
+                steady = per_step[warm:]
                 rows[name] = {
                     "status": s.get("status"), "error": s.get("error"),
-                    "bytes_per_step": s.get("comm_bytes_per_step"), "val_loss": s.get("val_loss"),
+                    "bytes_per_step": round(sum(per_step) / len(per_step)) if per_step else None,
+                    "bytes_per_step_steady": round(sum(steady) / len(steady)) if steady else None,
+                    "warmup_steps": warm, "val_loss": s.get("val_loss"),
                     "step_ms": s.get("step_time_ms_median"), "fallbacks": s.get("compression_fallbacks"),
                     "wall_s": round(s.get("wall_s") or 0.0, 1),
                 }
@@ -108,6 +134,7 @@ def main() -> int:
             base = rows["fp32"]
             for r in rows.values():
                 r["bytes_vs_fp32"] = ratio(r["bytes_per_step"], base["bytes_per_step"])
+                r["steady_bytes_vs_fp32"] = ratio(r["bytes_per_step_steady"], base["bytes_per_step"])
                 r["val_loss_vs_fp32"] = ratio(r["val_loss"], base["val_loss"])
                 r["step_time_vs_fp32"] = ratio(r["step_ms"], base["step_ms"])
             results["paths"][path] = rows

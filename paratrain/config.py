@@ -124,6 +124,7 @@ class CompressionConfig:
     fallback_factor: float = 2.0
     fallback_window: int = 20
     fallback_steps: int = 20
+    warmup_steps: int = 0  # first steps compressed less (top-k: 25% -> 6.25% -> ... -> topk_ratio; else none)
 
 
 @dataclass
@@ -226,6 +227,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("compression", "fallback_factor"): (1.0, None),
     ("compression", "fallback_window"): (1, None),
     ("compression", "fallback_steps"): (0, None),
+    ("compression", "warmup_steps"): (0, None),
     ("checkpoint", "every"): (0, None),
     ("checkpoint", "keep"): (0, None),
 }

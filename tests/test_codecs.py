@@ -17,7 +17,7 @@ from paratrain.compression import (
     get_codec,
     nbytes,
 )
-from paratrain.compression.codecs import powersgd_applies, topk_count
+from paratrain.compression.codecs import powersgd_applies, topk_count, warmup_ratio, warmup_ratios
 from paratrain.config import Config
 
 SHAPES = [(1000,), (64, 48), (8, 4, 5), (1,)]
@@ -246,3 +246,97 @@ def test_config_rejects_compression_with_sharded_or_model_parallel():
         with pytest.raises(ConfigError, match="compression.gradient"):
             Config.load(overrides=["--compression.gradient=int8", "--parallel.nproc=4", extra])
     Config.load(overrides=["--compression.gradient=int8", "--parallel.zero=1"])
+
+
+# ---- warm-up (Deep Gradient Compression's exponentially increasing sparsity) ------------------------
+def test_warmup_ratios_ramp_exponentially_to_the_target():
+    assert warmup_ratios(0.01) == [0.25, 0.0625, 0.015625]
+    assert warmup_ratios(0.001) == [0.25, 0.0625, 0.015625, 0.00390625]
+    assert warmup_ratios(0.25) == [] and warmup_ratios(0.5) == []
+    # 18 steps over 3 stages: 6 each, then the target for good
+    got = [warmup_ratio(s, 18, 0.01) for s in range(20)]
+    assert got == [0.25] * 6 + [0.0625] * 6 + [0.015625] * 6 + [0.01] * 2
+    assert warmup_ratio(0, 0, 0.01) == 0.01 and warmup_ratio(0, 2, 0.01) == 0.25  # fewer steps than stages
+    assert warmup_ratio(1, 2, 0.01) == 0.0625
+
+
+def _compressor(*extra):
+    cfg = Config.load(overrides=[*extra, "--compression.fallback_steps=0"])
+    return GradientCompressor.from_config(cfg.compression, seed=1)
+
+
+def test_compressor_topk_warmup_sends_fewer_entries_each_stage_and_conserves_the_sum():
+    comp = _compressor("--compression.gradient=topk", "--compression.topk_ratio=0.01", "--compression.warmup_steps=6")
+    truth, sent, sizes = torch.zeros(4000, dtype=torch.float64), torch.zeros(4000, dtype=torch.float64), []
+    for step in range(9):
+        g = _randn(4000, seed=step)
+        p = comp.encode("w", g)
+        assert comp.active and p.codec == "topk"
+        sizes.append(p.tensors[0].numel())
+        truth += g.double()
+        sent += decode(p).double()
+        comp.tick()
+    assert sizes == [1000] * 2 + [250] * 2 + [63] * 2 + [40] * 3
+    assert torch.allclose(sent + comp.state("w").residual.double(), truth, atol=1e-4)
+    assert comp.summary()["compression_warmup_steps"] == 6
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "powersgd"])
+def test_compressor_warmup_of_other_codecs_is_uncompressed(name):
+    comp = _compressor(f"--compression.gradient={name}", "--compression.warmup_steps=2")
+    x = _randn(32, 40)
+    for _ in range(2):
+        assert not comp.active
+        p = comp.encode("w", x)
+        assert p.codec == "none" and torch.equal(decode(p), x)
+        comp.observe_loss(1.0)  # counts the step like tick()
+    assert comp.active and comp.encode("w", x).codec == name
+
+
+def test_compressor_without_warmup_is_unchanged():
+    comp = _compressor("--compression.gradient=topk", "--compression.topk_ratio=0.25")
+    assert comp.warmup_steps == 0 and comp.active and comp.current is comp.codec
+    none = _compressor("--compression.gradient=none", "--compression.warmup_steps=5")
+    assert none.warmup_steps == 0 and not none.active
+
+
+def test_config_checks_warmup_steps():
+    from paratrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="compression.warmup_steps = -1 is below its minimum 0"):
+        Config.load(overrides=["--compression.warmup_steps=-1"])
+    assert Config.load(overrides=["--compression.warmup_steps=30"]).compression.warmup_steps == 30
+
+
+# ---- DDP bucket rebuild: residuals follow their parameters ------------------------------------------
+class _Bucket:
+    def __init__(self, params):
+        self.params = params
+
+    def parameters(self):
+        return self.params
+
+
+class _HookState:
+    def __init__(self, comp):
+        self.compressor, self.layouts, self.qs = comp, {}, {}
+
+
+def test_bucket_rebuild_carries_residuals_per_parameter_and_drops_stale_states():
+    from paratrain.compression.hooks import adopt_state, bucket_key
+
+    comp = _compressor("--compression.gradient=topk")
+    a, b, c = torch.zeros(3), torch.zeros(2), torch.zeros(4)
+    state = _HookState(comp)
+    first = [_Bucket([a, b]), _Bucket([c])]  # step 1: DDP's initial buckets
+    for bk, res in zip(first, [torch.tensor([1., 2, 3, 4, 5]), torch.tensor([6., 7, 8, 9])], strict=True):
+        adopt_state(state, bucket_key(bk), bk)
+        comp.state(bucket_key(bk)).residual = res
+    rebuilt = [_Bucket([c, a]), _Bucket([b])]  # after the rebuild: other groupings and order
+    for bk in rebuilt:
+        adopt_state(state, bucket_key(bk), bk)
+    assert torch.equal(comp.state(bucket_key(rebuilt[0])).residual, torch.tensor([6., 7, 8, 9, 1, 2, 3]))
+    assert torch.equal(comp.state(bucket_key(rebuilt[1])).residual, torch.tensor([4., 5]))
+    assert set(comp.states) == set(state.layouts) == {bucket_key(bk) for bk in rebuilt}
+    adopt_state(state, bucket_key(rebuilt[0]), rebuilt[0])  # known layout: nothing changes
+    assert torch.equal(comp.state(bucket_key(rebuilt[0])).residual, torch.tensor([6., 7, 8, 9, 1, 2, 3]))

@@ -169,6 +169,31 @@ def topk_count(numel: int, ratio: float) -> int:
     return max(1, min(numel, math.ceil(ratio * numel - 1e-9)))
 
 
+def warmup_ratios(target: float, start: float = 0.25, factor: float = 4.0) -> list[float]:
+    """The kept fractions of a Deep Gradient Compression warm-up (Lin et al. 2018), above ``target``.
+
+    ``start``, ``start / factor``, ... while larger than ``target``: for 1% that is
+    25%, 6.25%, 1.5625% (sparsity 75%, 93.75%, 98.4%), then the target itself.
+    """
+    out, r = [], start
+    while r > target * (1 + 1e-9):
+        out.append(r)
+        r /= factor
+    return out
+
+
+def warmup_ratio(step: int, warmup_steps: int, target: float, start: float = 0.25, factor: float = 4.0) -> float:
+    """Top-k kept fraction at 0-based ``step`` of a warm-up of ``warmup_steps`` steps.
+
+    The warm-up is split into equal stages, one per ratio of :func:`warmup_ratios`
+    (exponentially increasing sparsity); from ``warmup_steps`` on it is ``target``.
+    """
+    stages = warmup_ratios(target, start, factor)
+    if step >= warmup_steps or not stages:
+        return target
+    return stages[min(len(stages) - 1, max(0, step) * len(stages) // warmup_steps)]
+
+
 class TopKCodec(Codec):
     """The ``ceil(ratio * numel)`` largest-magnitude entries: values (input dtype) + int32 indices."""
 

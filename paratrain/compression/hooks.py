@@ -69,6 +69,7 @@ class CompressionHookState:
         self.world = self.dims.dp
         self.compressor = GradientCompressor.from_config(self.cfg, seed=self.dims.rank + 1)
         self.qs: dict[tuple, list[torch.Tensor]] = {}  # PowerSGD warm start per bucket
+        self.layouts: dict[tuple, list[tuple[int, int]]] = {}  # bucket key -> (param address, numel) in order
         self.payload_bytes = 0  # sum of codec payload sizes handed to collectives (tests)
         self.step_compressed = False
 
@@ -91,6 +92,7 @@ class CompressionHookState:
     def observe_loss(self, loss_sum: torch.Tensor, n_global: float) -> None:
         """Feed the global mean loss of a step (one small all-reduce) to the safeguard."""
         if not self.safeguard_enabled:
+            self.compressor.tick()  # the warm-up counts steps even without the safeguard
             return
         t = loss_sum.detach().reshape(1).to(self.dims.device, torch.float64, copy=True)
         if self.world > 1:
@@ -114,6 +116,44 @@ def bucket_key(bucket) -> tuple[int, ...]:
     return tuple(p.data_ptr() for p in bucket.parameters())
 
 
+def adopt_state(state: CompressionHookState, key: tuple, bucket) -> None:
+    """First sight of a bucket layout: carry the residuals of the parameters it holds over from
+    the buckets that held them before, then drop those buckets' states once fully carried over.
+
+    DDP rebuilds its buckets after the first iteration (in gradient-ready order), so the
+    buckets of step 2 on differ from step 1's; without this the residuals of step 1 would
+    be dropped and their states kept forever.  Matching is per parameter, so a parameter's
+    error-feedback residual always lands on that parameter's coordinates.
+    """
+    if key in state.layouts:
+        return
+    layout = [(p.data_ptr(), p.numel()) for p in bucket.parameters()]
+    state.layouts[key] = layout
+    comp = state.compressor
+    owners = {ptr: old for old, lay in state.layouts.items() if old != key for ptr, _ in lay}
+    if not owners:
+        return
+    wanted = {ptr for ptr, _ in layout}
+    pieces: dict[int, torch.Tensor] = {}
+    for old in {owners[ptr] for ptr in wanted if ptr in owners}:
+        st = comp.states.get(old)
+        off = 0
+        for ptr, n in state.layouts[old]:
+            if ptr in wanted and st is not None and st.residual is not None and st.residual.numel() >= off + n:
+                pieces[ptr] = st.residual.reshape(-1)[off:off + n]
+            off += n
+    if pieces:
+        ref = next(iter(pieces.values()))
+        comp.state(key).residual = torch.cat([pieces.get(ptr, ref.new_zeros(n)) for ptr, n in layout])
+    # an old layout whose parameters all sit in other layouts now is obsolete
+    for old in {owners[ptr] for ptr in wanted if ptr in owners}:
+        others = {ptr for k, lay in state.layouts.items() if k != old for ptr, _ in lay}
+        if all(ptr in others for ptr, _ in state.layouts[old]):
+            del state.layouts[old]
+            comp.states.pop(old, None)
+            state.qs.pop(old, None)
+
+
 def _plain(state: CompressionHookState, x: torch.Tensor, key: tuple) -> torch.futures.Future:
     """Uncompressed all-reduce of an already averaged bucket (residual flushed by the identity codec)."""
     payload = state.compressor.plain.encode(x, state.compressor.state(key))
@@ -127,6 +167,7 @@ def codec_hook(state: CompressionHookState, bucket):  # no annotations: DDP comp
     buf = bucket.buffer()
     x = buf.div(state.world)
     key = bucket_key(bucket)
+    adopt_state(state, key, bucket)
     comp = state.compressor
     state.step_compressed = comp.active
     if not comp.active:
@@ -157,6 +198,7 @@ def powersgd_hook(state: CompressionHookState, bucket):  # no annotations (see c
     """PowerSGD over the bucket's matrices: two all-reduces (P, then Q) per bucket."""
     buf = bucket.buffer()
     key = bucket_key(bucket)
+    adopt_state(state, key, bucket)
     comp = state.compressor
     state.step_compressed = comp.active
     x = buf.div(state.world)

@@ -1,0 +1,161 @@
+"""Single-process simulation of compressed data-parallel training (algorithm without the plumbing).
+
+Replays what the DDP comm hooks do for ``--workers`` ranks inside one process, with no
+DDP, no buckets and no collectives: each step, every simulated rank computes its local
+gradient on its own data shard (the same shards and batches the real ranks get), divides
+it by the world size, runs it through its own :class:`GradientCompressor` (codec + error
+feedback + warm-up, one state per parameter, as the hooks keep one per bucket segment),
+and the decoded payloads are summed into the gradient the optimizer sees (clipped, then
+AdamW / SGD and the LR schedule exactly as the trainer does).  With dropout 0 it
+reproduces the 2-process hook path up to float summation order, so a gap between the two
+points at the plumbing and a gap between variants here points at the algorithm.
+
+    python benchmarks/compression_sim.py --steps 100 \
+        --variant fp32:gradient=none --variant topk:gradient=topk \
+        --variant topk-noef:gradient=topk,error_feedback=false [--set=--train.optimizer=sgd]
+
+Prints one JSON line per variant (val loss over the same batches as the trainer's final
+eval, bytes one rank would send per step, averaged over the run and over its last quarter).
+
+Experiment knobs besides ``[compression]`` keys, used for docs/benchmarks.md: ``ef21=1``
+(EF21, Richtarik et al. 2021: each rank sends top-k of ``grad - g_i``, ``g_i`` += what it
+sent, the optimizer gets the dense running sum; use with ``error_feedback=false``),
+``decay=D`` (residual multiplied by D each step), ``mom=B`` (compress a local momentum
+``B m + (1-B) g`` instead of the gradient), ``dense_vectors=1`` (tensors of < 2 dims sent
+uncompressed, as DGC's reference code does), ``leak=T`` (receiver delivers the decoded
+stream at 1/T per step), ``warmup_start`` / ``warmup_factor`` (first ratio and divisor of
+the warm-up ramp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+# experiment knobs that are not config keys (see the docstring)
+TUNE = ("warmup_start", "warmup_factor", "ef21", "decay", "mom", "dense_vectors", "leak")
+
+
+def parse_variant(text: str) -> tuple[str, list[str], dict]:
+    """``name:key=value,...`` -> (name, ["--compression.key=value", ...], {tuning knob: value})."""
+    name, _, rest = text.partition(":")
+    kvs = [kv.split("=", 1) for kv in rest.split(",") if kv]
+    return (name, [f"--compression.{k}={v}" for k, v in kvs if k not in TUNE],
+            {k: float(v) for k, v in kvs if k in TUNE})
+
+
+def simulate(cfg, workers: int, eval_batches: int, tune: dict | None = None) -> dict:
+    from paratrain.compression.codecs import decode
+    from paratrain.compression.compressor import GradientCompressor
+    from paratrain.compression.hooks import allgather_bytes
+    from paratrain.data import build_data, val_batches
+    from paratrain.models import build_model
+    from paratrain.parallel.data_parallel import ring_allreduce_bytes
+    from paratrain.parallel.strategy import make_optimizer
+    from paratrain.train.loss import eval_stats, lm_loss_sum
+    from paratrain.train.trainer import lr_lambda
+
+    tune = tune or {}
+    data = [build_data(cfg, r, workers) for r in range(workers)]
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model, cfg.model.vocab_size or data[0].vocab_size, data[0].pad_id)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    comps = [GradientCompressor.from_config(cfg.compression, seed=r + 1) for r in range(workers)]
+    for comp in comps:  # experiment knobs (not config keys)
+        comp.warmup_start, comp.warmup_factor = tune.get("warmup_start", 0.25), tune.get("warmup_factor", 4.0)
+    bytes_per_step: list[int] = []
+    ef21 = bool(tune.get("ef21", 0))
+    est = [{n: torch.zeros_like(p) for n, p in params} for _ in range(workers)]
+    agg = {n: torch.zeros_like(p) for n, p in params}
+    mom = [{n: torch.zeros_like(p) for n, p in params} for _ in range(workers)]
+    t0 = time.time()
+    for _step in range(cfg.train.steps):
+        batches = [next(d.train) for d in data]
+        n_global = float(sum(int((b["labels"] != -100).sum()) for b in batches))
+        total = {n: torch.zeros_like(p) for n, p in params}
+        sent = 0
+        for r, b in enumerate(batches):
+            model.zero_grad(set_to_none=True)
+            (lm_loss_sum(model, b) * (workers / n_global)).backward()
+            comp = comps[r]
+            for n, p in params:
+                x = p.grad.detach() / workers
+                if "mom" in tune:
+                    mom[r][n].mul_(tune["mom"]).add_(x, alpha=1 - tune["mom"])
+                    x = mom[r][n].clone()
+                if ef21:
+                    x = x - est[r][n]
+                if tune.get("dense_vectors") and p.dim() < 2:
+                    payload = comp.plain.encode(x, comp.state(n))
+                else:
+                    payload = comp.encode(n, x)
+                if payload.codec in ("none",):
+                    sent += ring_allreduce_bytes(payload.nbytes, workers)
+                elif payload.codec in ("fp16", "bf16"):
+                    sent += ring_allreduce_bytes(payload.nbytes, workers)
+                else:
+                    sent += allgather_bytes(payload.nbytes, workers)
+                if "decay" in tune and comp.states[n].residual is not None:
+                    comp.states[n].residual.mul_(tune["decay"])
+                dec = decode(payload)
+                total[n] += dec
+                if ef21:
+                    est[r][n] += dec
+            comp.tick()
+        bytes_per_step.append(sent // workers)
+        for n, p in params:
+            if ef21:
+                agg[n] += total[n]
+                total[n] = agg[n].clone()
+            if "leak" in tune:  # receiver-side pacing: deliver the decoded stream at 1/leak per step
+                agg[n] += total[n]
+                total[n] = agg[n] / tune["leak"]
+                agg[n] -= total[n]
+            p.grad = total[n]
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+    model.eval()
+    stats = torch.zeros(4, dtype=torch.float64)
+    with torch.no_grad():
+        for r in range(workers):
+            for b in val_batches(data[r], cfg.data.batch_size, r, workers, eval_batches):
+                stats += eval_stats(model(**{k: v for k, v in b.items() if k != "labels"}), b["labels"])
+    steady = bytes_per_step[-max(1, len(bytes_per_step) // 4):]
+    return {"val_loss": round(float(stats[0] / stats[1]), 4),
+            "bytes_per_step_avg": round(sum(bytes_per_step) / len(bytes_per_step)),
+            "bytes_per_step_steady": round(sum(steady) / len(steady)),
+            "wall_s": round(time.time() - t0, 1)}
+
+
+def main() -> int:
+    from paratrain.config import Config
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--eval-batches", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...")
+    ap.add_argument("--set", action="append", default=[], metavar="--SECTION.KEY=VALUE")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = [parse_variant(v) for v in args.variant] or [("fp32", ["--compression.gradient=none"], {}),
+                                                            ("topk", ["--compression.gradient=topk"], {})]
+    for name, extra, tune in variants:
+        overrides = [f"--train.steps={args.steps}", f"--parallel.nproc={args.workers}", *args.set, *extra]
+        cfg = Config.load(None, [o.removeprefix("--") for o in overrides])
+        res = simulate(cfg, args.workers, args.eval_batches, tune)
+        print(json.dumps({"variant": name, "steps": args.steps, **res}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
