@@ -102,14 +102,7 @@ class PipelineRunner:
 
     def __init__(self, model: nn.Module, dims, schedule: str, microbatches: int, virtual: int,
                  transform: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
-        self.dims = dims
-        self.pp, self.rank = dims.pp, dims.pp_rank
-        self.v = virtual if schedule == "interleaved" else 1
-        self.n_stages = dims.pp * self.v
-        self.m = microbatches
-        self.schedule_name = schedule
-        self.group = dims.pp_group
-        wanted = [self.rank + i * self.pp for i in range(self.v)]
+        wanted = self._layout(dims, schedule, microbatches, virtual)
         self.chunks = {s: transform(c) for s, c in split_model(model, self.n_stages, wanted).items()}
         self.stages = [PipelineStage(c, s, self.n_stages, dims.device, group=self.group)
                        for s, c in self.chunks.items()]
@@ -129,6 +122,18 @@ class PipelineRunner:
         for st in self.stages:
             for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
                 setattr(st, name, self._timed(getattr(st, name)))
+
+    def _layout(self, dims, schedule: str, microbatches: int, virtual: int) -> list[int]:
+        """Set the pipeline geometry; return the stage indices this rank holds (looped: rank,
+        rank + pp, ... for the interleaved schedule's ``virtual`` chunks)."""
+        self.dims = dims
+        self.pp, self.rank = dims.pp, dims.pp_rank
+        self.v = virtual if schedule == "interleaved" else 1
+        self.n_stages = dims.pp * self.v
+        self.m = microbatches
+        self.schedule_name = schedule
+        self.group = dims.pp_group
+        return [self.rank + i * self.pp for i in range(self.v)]
 
     def _timed(self, fn):
         def wrapper(*a, **k):

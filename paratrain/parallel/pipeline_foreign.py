@@ -167,13 +167,7 @@ class ForeignPipelineRunner(PipelineRunner):
 
     def __init__(self, model: nn.Module, dims, schedule: str, microbatches: int, virtual: int,
                  split: list[str], example: Any, loss_fn: Loss) -> None:
-        self.dims = dims
-        self.pp, self.rank = dims.pp, dims.pp_rank
-        self.v = virtual if schedule == "interleaved" else 1
-        self.n_stages = dims.pp * self.v
-        self.m = microbatches
-        self.schedule_name = schedule
-        self.group = dims.pp_group
+        wanted = self._layout(dims, schedule, microbatches, virtual)
         split = list(split)
         check_split(model, split, self.n_stages)
         args, kwargs = model_inputs(loss_fn, example)
@@ -185,7 +179,6 @@ class ForeignPipelineRunner(PipelineRunner):
             raise ConfigError(f"pipeline parallel needs model inputs with a batch dim divisible by "
                               f"parallel.microbatches = {self.m}; the first batch has {self.rows} rows")
         mb_args, mb_kwargs = split_batch((args, kwargs), self.m)[0]
-        wanted = [self.rank + i * self.pp for i in range(self.v)]
         pipe = trace(model, split, mb_args, mb_kwargs)
         if pipe.num_stages != self.n_stages:
             raise ConfigError(f"pp_split {split} cut {type(model).__name__} into {pipe.num_stages} stages, not "
