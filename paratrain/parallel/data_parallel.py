@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -38,25 +39,41 @@ class DDPStrategy(Strategy):
         """With ``[compression] gradient`` set, the compression hooks (built on the codecs)
         replace DDP's averaging all-reduce and count the bytes they send.  Otherwise DDP keeps
         its built-in C++ all-reduce (a Python hook costs time on every bucket) and
-        :meth:`step` counts the ring all-reduce's bytes of every gradient."""
+        :meth:`step` counts the ring all-reduce's bytes of every gradient, except under the
+        hang watchdog (``train.hang_timeout_s`` > 0), which only sees collectives called from
+        Python: then a hook makes the same all-reduce through ``dist.all_reduce``."""
         if self.cfg.compression.gradient != "none":
             from paratrain.compression.hooks import register_compression_hook
 
             self.compression = register_compression_hook(ddp, self)
             return
-        grads = sum(p.numel() * p.element_size() for p in ddp.module.parameters() if p.requires_grad)
-        self._ring_bytes = ring_allreduce_bytes(grads, self.dims.dp)
+        world = self.dims.dp
+        if self.cfg.train.hang_timeout_s <= 0:
+            grads = sum(p.numel() * p.element_size() for p in ddp.module.parameters() if p.requires_grad)
+            self._ring_bytes = ring_allreduce_bytes(grads, world)
+            return
+
+        # no annotations on purpose: DDP compares them to dist.GradBucket at run time, and this
+        # module's postponed (string) annotations would not compare equal
+        def allreduce_counting(state, bucket):
+            buf = bucket.buffer()
+            self.comm_bytes += ring_allreduce_bytes(buf.numel() * buf.element_size(), world)
+            buf.div_(world)
+            fut = dist.all_reduce(buf, group=self.dims.dp_group, async_op=True).get_future()
+            return fut.then(lambda f: f.value()[0])
+
+        ddp.register_comm_hook(None, allreduce_counting)
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
-        if self.compression is None:  # one synchronised backward per optimizer step
-            self.comm_bytes += self._ring_bytes
+        # without a hook, one synchronised backward per optimizer step (0 bytes when a hook counts)
+        self.comm_bytes += self._ring_bytes
         return super().step(model, optimizer)
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()
 
     compression = None  # CompressionHookState when gradients are compressed
-    _ring_bytes = 0  # bytes one rank sends per uncompressed gradient all-reduce
+    _ring_bytes = 0  # bytes one rank sends per gradient all-reduce DDP makes without a hook
 
     def observe_loss(self, loss_sum: torch.Tensor, n_global: float) -> None:
         if self.compression is not None:
