@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -160,7 +161,7 @@ def fwd_bwd_ms(cfg: Config, repeats: int = 10) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def planner_accuracy(steps: int, gpu_type: str) -> list[dict[str, Any]]:
@@ -190,8 +191,7 @@ def planner_accuracy(steps: int, gpu_type: str) -> list[dict[str, Any]]:
             row.update(status="error", reason=res.get("reason"))
         else:
             # skip the first steps (CUDA context, allocator warm-up, kernel autotuning)
-            step_ms = sorted(res["step_ms_all"][5:] or res["step_ms_all"])
-            measured = step_ms[len(step_ms) // 2]
+            measured = statistics.median(res["step_ms_all"][5:] or res["step_ms_all"])
             mem = (res.get("peak_device_mem_mb") or [None])[0]
             # the planner's memory includes a fixed reserve for the CUDA context and fragmentation
             reserve = hw.reserved_bytes / 2**20

@@ -58,7 +58,7 @@ def params_on_meta() -> Iterator[None]:
         original(module, name, param)
         if param is not None and not param.is_meta:
             p = module._parameters[name]
-            extra = {k: v for k, v in p.__dict__.items()}
+            extra = dict(p.__dict__)
             meta = type(p)(p.detach().to("meta"), requires_grad=p.requires_grad)
             meta.__dict__.update(extra)
             module._parameters[name] = meta
@@ -160,7 +160,8 @@ def _check_initialized(model: nn.Module, meta_buffers: dict[str, torch.dtype], h
     for name, b in model.named_buffers():
         if name not in meta_buffers:
             continue
-        if b.is_floating_point() and bool(torch.isnan(b).any()) or not b.is_floating_point() and not has_init:
+        unset = bool(torch.isnan(b).any()) if b.is_floating_point() else not has_init
+        if unset:
             raise ConfigError(f"buffer {what}.{name} was built on the meta device and never set; build with "
                               "parallel.meta_init = true (parameters on meta, buffers real) instead of a "
                               "meta-device factory, or give the model an init_weights() that sets it")

@@ -211,11 +211,10 @@ class ModelParallelStrategy(Strategy):
                 return super().forward_backward(model, micro_batches, full_loss, scale, autocast)
         total = torch.zeros((), dtype=torch.float64)
         ls = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
-        foreign = hasattr(self.pipe, "eval_stats")  # a traced foreign model: the pipeline calls the loss
+        extra = (loss_fn,) if self.pipe.calls_user_loss else ()
         for batch in micro_batches:
             with autocast():
-                total += (self.pipe.train_step(batch, scale * ls, loss_fn) if foreign
-                          else self.pipe.train_step(batch, scale * ls))
+                total += self.pipe.train_step(batch, scale * ls, *extra)
         return total
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:

@@ -100,6 +100,8 @@ class PipelineRunner:
     activation checkpointing, ...).
     """
 
+    calls_user_loss = False  # paratrain's GPT: the last stage computes the token loss itself
+
     def __init__(self, model: nn.Module, dims, schedule: str, microbatches: int, virtual: int,
                  transform: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         wanted = self._layout(dims, schedule, microbatches, virtual)

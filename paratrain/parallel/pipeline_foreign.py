@@ -165,6 +165,8 @@ class ForeignPipelineRunner(PipelineRunner):
     the trainer's loss (a sum over the batch, see :mod:`paratrain.train.user_model`).
     """
 
+    calls_user_loss = True  # train_step takes the trainer's loss_fn
+
     def __init__(self, model: nn.Module, dims, schedule: str, microbatches: int, virtual: int,
                  split: list[str], example: Any, loss_fn: Loss) -> None:
         wanted = self._layout(dims, schedule, microbatches, virtual)

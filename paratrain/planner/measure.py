@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -153,7 +154,7 @@ def calibrate(cfg: Config, spec: ModelSpec, hw: HardwareSpec, threads: int, micr
             times.append(time.perf_counter() - t0)
         # the median repeat, as the run's step time is a median: this VM's jitter (a step's
         # median is ~1.3x its fastest here) belongs in the prediction
-        t_mb = sorted(times)[len(times) // 2]
+        t_mb = statistics.median(times)
         alloc_bw = measure_alloc_bw()  # page faults slow down too when the other cores work
     finally:
         stop.set()
@@ -280,10 +281,11 @@ def _probe_factors(cfg: Config, ml: MeasureLayout, threads: int, micro: int) -> 
     return {"plain_ms": r["plain_s"] * 1e3, "tp2_layer_factor": r["tp_ratio"], "fsdp2_layer_factor": r["fsdp_ratio"]}
 
 
-def _with_probe(hw: HardwareSpec, probes: list[dict[str, float]]) -> HardwareSpec:
-    if not probes:
+def _with_probe(hw: HardwareSpec, probe: dict[str, float]) -> HardwareSpec:
+    """``hw`` with the probe's factors (unchanged when no probe ran)."""
+    if not probe:
         return hw
-    return hw.with_(**{k: sum(p[k] for p in probes) / len(probes) for k in ("tp2_layer_factor", "fsdp2_layer_factor")})
+    return hw.with_(tp2_layer_factor=probe["tp2_layer_factor"], fsdp2_layer_factor=probe["fsdp2_layer_factor"])
 
 
 def check_layouts(config_path: str | None, names: list[str], steps: int = 20,
@@ -326,7 +328,7 @@ def check_layouts(config_path: str | None, names: list[str], steps: int = 20,
         if lay_spec.tied != spec.tied:
             row["note"] = "model.tie_embeddings = false (pipeline stages cannot share the embedding)"
         probe_before = _probe_factors(cfg, ml, threads, micro)
-        pred_before, pred_mem = predict(cfg, lay_spec, _with_probe(lay_hw, [probe_before] if probe_before else []))
+        pred_before, pred_mem = predict(cfg, lay_spec, _with_probe(lay_hw, probe_before))
         hw = lay_hw  # the latest measurement, for the report's header
         summary = run_layout(cfg)
         row["calibration"].update(load_avg_after=os.getloadavg()[0], cpu_busy_after=cpu_busy(0.5))
@@ -336,7 +338,7 @@ def check_layouts(config_path: str | None, names: list[str], steps: int = 20,
         if probe_before:
             row["probe"] = {"before": probe_before, "after": probe_after}
         pred_after, _ = predict(cfg, lay_spec, _with_probe(_calibrated(base, spec, config_path, *calib_args),
-                                                           [probe_after] if probe_after else []))
+                                                           probe_after))
         pred_s = (pred_before + pred_after) / 2
         row["predicted_step_ms_before_after"] = [pred_before * 1e3, pred_after * 1e3]
         if summary.get("status") != "ok":

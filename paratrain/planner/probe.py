@@ -21,6 +21,7 @@ import datetime
 import os
 import socket
 import time
+from statistics import median
 from typing import Any
 
 PROBE_TIMEOUT_S = 120.0
@@ -30,11 +31,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
 
 
 def _rank_main(rank: int, port: int, shape: dict[str, int], threads: int, repeats: int, queue: Any) -> None:
@@ -71,9 +67,9 @@ def _rank_main(rank: int, port: int, shape: dict[str, int], threads: int, repeat
                 block(x).sum().backward()
                 if i >= 2:
                     times[name].append(time.perf_counter() - t0)
-        out = {"plain_s": _median(times["plain"]),
-               "tp_ratio": _median([a / b for a, b in zip(times["tp"], times["plain"], strict=True)]),
-               "fsdp_ratio": _median([a / b for a, b in zip(times["fsdp"], times["plain"], strict=True)])}
+        out = {"plain_s": median(times["plain"]),
+               "tp_ratio": median([a / b for a, b in zip(times["tp"], times["plain"], strict=True)]),
+               "fsdp_ratio": median([a / b for a, b in zip(times["fsdp"], times["plain"], strict=True)])}
         queue.put((rank, out))
         dist.destroy_process_group()
     except BaseException as e:  # report, don't hang the parent

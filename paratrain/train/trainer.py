@@ -8,7 +8,6 @@ metrics.jsonl and summary.json.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -22,6 +21,7 @@ import torch
 from paratrain.config import Config, ConfigError
 from paratrain.data import build_data, val_batches
 from paratrain.data.user_data import samples_in, to_device, tokens_in
+from paratrain.fileio import write_json_atomic
 from paratrain.models import build_model, count_params
 from paratrain.parallel import ParallelDims, Strategy, build_strategy
 from paratrain.train import checkpoint as ckpt
@@ -348,9 +348,8 @@ class Trainer:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, run_dir / "summary.json")
+    """``RUN_DIR/summary.json``, written atomically."""
+    write_json_atomic(run_dir / "summary.json", summary, indent=2)
 
 
 def run_worker(cfg: Config, hold: list | None = None, **injected: Any) -> dict[str, Any]:
