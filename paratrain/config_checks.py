@@ -1,0 +1,121 @@
+"""Cross-field checks of a :class:`~paratrain.config.Config`: combinations of settings that are
+each valid alone but cannot work together. Each raises :class:`ConfigError` with one line that
+names the problem and the fix. ``Config.validate`` runs them after the per-field checks."""
+
+from __future__ import annotations
+
+import typing
+
+from paratrain.errors import ConfigError
+
+if typing.TYPE_CHECKING:
+    from paratrain.config import Config
+
+
+def check_combinations(cfg: Config) -> None:
+    """Model, data, world-size, PS and debug settings that contradict each other."""
+    m, d, p = cfg.model, cfg.data, cfg.parallel
+    if m.d_model % m.n_head:
+        raise ConfigError(
+            f"model.n_head = {m.n_head} does not divide model.d_model = {m.d_model}; "
+            "pick n_head so d_model / n_head is a whole number"
+        )
+    if m.vocab_size and d.tokenizer == "byte" and m.vocab_size < 261:
+        raise ConfigError(
+            f"model.vocab_size = {m.vocab_size} is too small for byte tokens (need >= 261, or 0 for auto)"
+        )
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {m.max_seq_len}; "
+            "raise max_seq_len or shorten seq_len"
+        )
+    src = d.source
+    known = ("stdlib", "synthetic:", "text:", "shards:")
+    if not any(src == k or (k.endswith(":") and src.startswith(k)) for k in known):
+        raise ConfigError(
+            f"data.source = {src!r} is not one of 'stdlib', 'synthetic:reverse|sort|add', "
+            "'text:GLOB', 'shards:DIR'"
+        )
+    if src.startswith("synthetic:"):
+        task = src.split(":", 1)[1]
+        if task not in ("reverse", "sort", "add"):
+            raise ConfigError(f"data.source = {src!r}: unknown task '{task}' (reverse | sort | add)")
+        if m.arch == "bert":
+            raise ConfigError("model.arch = 'bert' needs a text corpus, not a synthetic task")
+    elif m.arch == "seq2seq":
+        raise ConfigError(f"model.arch = 'seq2seq' needs a synthetic:* source, got {src!r}")
+    world = p.nproc
+    if p.dp and p.dp * p.tp * p.pp != world:
+        raise ConfigError(
+            f"parallel.dp * tp * pp = {p.dp} * {p.tp} * {p.pp} = {p.dp * p.tp * p.pp} "
+            f"but parallel.nproc = {world}; make the product equal nproc"
+        )
+    if not p.dp and world % (p.tp * p.pp):
+        raise ConfigError(
+            f"parallel.nproc = {world} is not divisible by tp * pp = {p.tp * p.pp}"
+        )
+    if p.sync == "ps" and (p.tp > 1 or p.pp > 1 or p.zero):
+        raise ConfigError("parallel.sync = 'ps' works with plain data parallel only (tp = pp = 1, zero = 0)")
+    if cfg.debug.delay_rank >= world or cfg.debug.kill_rank >= world:
+        raise ConfigError(f"debug rank is out of range for parallel.nproc = {world}")
+    if p.sync == "ps" and cfg.debug.kill_server >= cfg.ps.servers:
+        raise ConfigError(f"debug.kill_server = {cfg.debug.kill_server} but ps.servers = {cfg.ps.servers}")
+    if cfg.ps.secret and len(cfg.ps.secret) < 16:
+        raise ConfigError("ps.secret must be at least 16 characters (or empty: the launcher generates one)")
+    check_layout(cfg)
+
+
+def check_layout(cfg: Config) -> None:
+    """Tensor / pipeline / ZeRO layouts that cannot work, each rejected with a one-line reason."""
+    m, d, p = cfg.model, cfg.data, cfg.parallel
+    if p.tp > 1:
+        for key, value in (("n_head", m.n_head), ("d_ff", m.d_ff)):
+            if value % p.tp:
+                raise ConfigError(f"model.{key} = {value} is not divisible by parallel.tp = {p.tp}; "
+                                  "tensor parallel splits it evenly across ranks")
+    if p.pp > 1:
+        mb = p.microbatches or p.pp
+        if d.batch_size % mb:
+            raise ConfigError(f"data.batch_size = {d.batch_size} is not divisible by parallel.microbatches = {mb}")
+        if p.pp_schedule == "1f1b" and mb < p.pp:
+            raise ConfigError(f"parallel.microbatches = {mb} is below parallel.pp = {p.pp}; "
+                              "1F1B needs at least one microbatch per stage")
+        if p.pp_schedule == "interleaved" and mb % p.pp:
+            raise ConfigError(f"parallel.microbatches = {mb} must be a multiple of parallel.pp = {p.pp} "
+                              "for the interleaved schedule")
+        if p.zero:
+            raise ConfigError("parallel.zero > 0 with pp > 1 is not supported (stages all-reduce "
+                              "gradients over dp); use zero = 0")
+    if p.meta_init and (p.zero < 2 or p.tp > 1 or p.pp > 1):
+        raise ConfigError(f"parallel.meta_init = true builds the parameters on the meta device and needs them "
+                          f"sharded by FSDP2: set parallel.zero = 3 (or 2) with tp = pp = 1 "
+                          f"(now zero = {p.zero}, tp = {p.tp}, pp = {p.pp})")
+    if p.zero == 1 and p.tp > 1:
+        raise ConfigError("parallel.zero = 1 works with plain data parallel only; with tp > 1 use "
+                          "zero = 2 or 3 (FSDP2 on the dp axis)")
+    if p.zero and cfg.dp == 1:
+        raise ConfigError(f"parallel.zero = {p.zero} shards over data-parallel ranks but dp = 1; "
+                          "use more processes than tp * pp")
+    if p.cpu_offload and p.zero < 2:
+        raise ConfigError("parallel.cpu_offload needs parallel.zero = 2 or 3 (FSDP2 offloads sharded state)")
+    if cfg.compression.gradient != "none" and (p.tp > 1 or p.pp > 1 or p.zero >= 2):
+        raise ConfigError(f"compression.gradient = {cfg.compression.gradient!r} compresses DDP gradients; "
+                          "it needs tp = pp = 1 and zero = 0 or 1")
+
+
+def check_model_layout(cfg: Config) -> None:
+    """How paratrain's own model (``[model]``) is pipelined; skipped for a model of your own."""
+    m, p = cfg.model, cfg.parallel
+    if p.pp > 1:
+        if m.arch != "gpt":
+            raise ConfigError(f"pipeline parallel supports model.arch = 'gpt' only, not {m.arch!r}; "
+                              "use tp or zero for it")
+        if m.tie_embeddings:
+            raise ConfigError("model.tie_embeddings = true cannot span pipeline stages (embedding on the "
+                              "first, head on the last); set model.tie_embeddings = false (a model of your "
+                              "own: Config.load(..., own_model=False))")
+        v = p.virtual_stages if p.pp_schedule == "interleaved" else 1
+        if p.pp * v > m.n_layer:
+            what = f"pp * virtual_stages = {p.pp} * {v}" if v > 1 else f"pp = {p.pp}"
+            raise ConfigError(f"parallel.{what} exceeds model.n_layer = {m.n_layer}; "
+                              "every pipeline stage needs at least one layer")
