@@ -232,11 +232,17 @@ def test_compress_report_fields_and_bytes_match_files(trained, tmp_path, capsys)
     assert (out / "report.md").read_text().count("|") > 20 and (out / "finetune" / "metrics.jsonl").is_file()
     back = E.load_model(out / "int8.safetensors")
     assert sum(isinstance(mod, Q.dynamic_linear_class()) for mod in back.modules()) == 12
+    # --engine auto (the default) timed both x86 engines and packed for the faster one
+    chosen = report["measurement"]["engine"]
+    assert chosen in ("x86", "onednn") and back.quant_engine == chosen
+    assert any(s.startswith("int8 engine: x86") and s.endswith(f"-> {chosen}") for s in report["steps"])
+    assert report["measurement"]["allocator"].startswith("glibc")
     # user errors: one line, exit 2
     assert main(["compress", str(tmp_path / "nope"), "--quantize", "int8"]) == 2
     assert main(["compress", str(run), "--quantize", "int3"]) == 2
+    assert main(["compress", str(run), "--quantize", "int8", "--engine", "avx"]) == 2
     err = capsys.readouterr().err
-    assert "does not exist" in err and "int3" in err and err.count("\n") == 2
+    assert "does not exist" in err and "int3" in err and "--engine 'avx'" in err and err.count("\n") == 3
 
 
 def test_sharded_checkpoint_loads_from_dcp_folder(trained, tmp_path):

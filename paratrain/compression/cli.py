@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="none | int8 (dynamic) | int8-static | int8-qat | int8-weight | int4-weight")
     g.add_argument("--no-quantize-embeddings", action="store_true",
                    help="keep embedding tables fp32 on disk when quantizing")
-    g.add_argument("--engine", default="", help="quantized engine for int8: x86 | fbgemm | onednn "
-                   "(default: torch's)")
+    g.add_argument("--engine", default="auto", help="quantized engine for int8: auto (time x86 and onednn "
+                   "on this CPU, keep the faster) | x86 | fbgemm | onednn")
     g.add_argument("--calib-batches", type=int, default=8, help="batches for static calibration / sensitivity")
     g = p.add_argument_group("training and measurement")
     g.add_argument("--lr", type=float, default=0.0, help="fine-tune / distill learning rate (0: train.lr / 3)")

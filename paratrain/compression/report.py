@@ -7,6 +7,8 @@ machine slow periods then hit every stage alike, and ratios stay meaningful.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import statistics
 import time
@@ -70,6 +72,33 @@ def latency_inputs(batch: dict[str, Tensor], size: int) -> dict[str, Tensor]:
     n = next(iter(inp.values())).shape[0]
     reps = -(-size // n)
     return {k: v.repeat(reps, *([1] * (v.dim() - 1)))[:size].contiguous() for k, v in inp.items()}
+
+
+_ALLOCATOR = {"tuned": False}
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed activation memory for reuse instead of handing it back to the OS.
+
+    By default glibc serves tensors above a (moving) threshold with fresh ``mmap`` pages and
+    trims the heap top after frees, so every forward pass page-faults its activations in again:
+    measured here, GELU on a (16, 128, 512) activation took 3.5 ms inside the model and 0.8 ms
+    alone. Fixing the mmap threshold at its 32 MiB maximum and never trimming is the same
+    remedy as serving with jemalloc / tcmalloc. Applied once per process, before timing, and
+    to every stage alike; returns whether it took effect (False off glibc)."""
+    if _ALLOCATOR["tuned"]:
+        return True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    _ALLOCATOR["tuned"] = ok
+    return ok
 
 
 @torch.inference_mode()
@@ -146,7 +175,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     m = report["measurement"]
     lines.append(f"- latency: median of {m['repeats']} forward passes per stage, stages interleaved, "
                  f"{m['threads']} thread(s), sequence length {m['seq_len']}, batch 1 and 16 "
-                 f"({m['torch']}, quantized engine {m['engine']})")
+                 f"({m['torch']}, quantized engine {m['engine']}, allocator: {m.get('allocator', 'default')})")
     lines.append(f"- validation: {m['val_batches']} batches of {m['val_batch_size']} from the run's val split"
                  + ("; exact match = every answer token right under teacher forcing" if m["exact_match"] else ""))
     lines += [f"- {s}" for s in report.get("steps", [])]
