@@ -1,10 +1,10 @@
 """Gradient compression benchmark: every codec on the all-reduce and parameter-server paths.
 
 Trains the default GPT for a fixed number of steps with 2 workers, once uncompressed (fp32)
-and once per codec (plus top-k without error feedback and, with ``--warmup-steps N``, top-k
-with a warm-up of N steps), on each path, side by side in one run.  Prints JSON: per run the
-bytes per step, final val loss and median step time, and each relative to the fp32 run of
-the same path.
+and once per codec (plus top-k without error feedback, with ``--warmup-steps N`` top-k
+with a warm-up of N steps, and with ``--onebit`` AdamW replaced by 1-bit Adam), on each
+path, side by side in one run.  Prints JSON: per run the bytes per step, final val loss
+and median step time, and each relative to the fp32 run of the same path.
 
 Bytes per step come from metrics.jsonl (every step is logged): ``bytes_per_step`` is the
 mean over *all* steps of the run, warm-up included, and ``bytes_per_step_steady`` the mean
@@ -93,6 +93,8 @@ def main() -> int:
     ap.add_argument("--topk-ratio", type=float, default=0.01)
     ap.add_argument("--warmup-steps", type=int, default=0,
                     help="also run top-k (error feedback on) with compression.warmup_steps = N")
+    ap.add_argument("--onebit", action="store_true",
+                    help="also run train.optimizer = onebit_adam (1-bit Adam; all-reduce path only)")
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     ap.add_argument("--set", action="append", default=[], metavar="--SECTION.KEY=VALUE",
@@ -103,7 +105,7 @@ def main() -> int:
               f"--train.eval_batches={args.eval_batches}", "--checkpoint.keep=0",
               f"--compression.topk_ratio={args.topk_ratio}", *args.set]
     variants = [("fp32", ["--compression.gradient=none"], 0)]
-    for c in args.codecs.split(","):
+    for c in filter(None, args.codecs.split(",")):
         variants.append((c, [f"--compression.gradient={c}"], 0))
         if c == "topk":
             variants.append(("topk-no-ef", ["--compression.gradient=topk", "--compression.error_feedback=false"], 0))
@@ -111,13 +113,17 @@ def main() -> int:
                 variants.append((f"topk-warmup{args.warmup_steps}", [
                     "--compression.gradient=topk", f"--compression.warmup_steps={args.warmup_steps}"],
                     args.warmup_steps))
+    if args.onebit:
+        variants.append(("onebit_adam", ["--compression.gradient=none", "--train.optimizer=onebit_adam"], 0))
     results: dict = {"steps": args.steps, "workers": 2, "model": "default gpt", "topk_ratio": args.topk_ratio,
                      "overrides": args.set, "paths": {}}
-    results["codec_ms_per_step"] = codec_cost(["none", *args.codecs.split(",")], args.topk_ratio)
+    results["codec_ms_per_step"] = codec_cost(["none", *filter(None, args.codecs.split(","))], args.topk_ratio)
     with tempfile.TemporaryDirectory(prefix="bench-compression-") as tmp:
         for path in args.paths.split(","):
             rows: dict = {}
             for name, extra, warm in variants:
+                if name == "onebit_adam" and path != "allreduce":
+                    continue
                 run_dir = Path(tmp) / f"{path}-{name}"
                 s = run_one(run_dir, [*common, *PATHS[path], *extra], args.timeout)
                 per_step = step_bytes(run_dir)

@@ -59,7 +59,7 @@ class TrainConfig:
     steps: int = 300
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: str = "adamw"  # adamw | sgd | onebit_adam (AdamW with 1-bit compressed momentum, data parallel)
     momentum: float = 0.9
     weight_decay: float = 0.01
     warmup_steps: int = 20
@@ -161,7 +161,7 @@ _SECTIONS: dict[str, type] = {
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "arch"): ("gpt", "seq2seq", "bert"),
     ("data", "tokenizer"): ("byte", "bpe"),
-    ("train", "optimizer"): ("adamw", "sgd"),
+    ("train", "optimizer"): ("adamw", "sgd", "onebit_adam"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "activation_checkpointing"): ("none", "full", "selective"),
     ("parallel", "sync"): ("allreduce", "ps"),

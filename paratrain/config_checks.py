@@ -98,6 +98,12 @@ def check_layout(cfg: Config) -> None:
                           "use more processes than tp * pp")
     if p.cpu_offload and p.zero < 2:
         raise ConfigError("parallel.cpu_offload needs parallel.zero = 2 or 3 (FSDP2 offloads sharded state)")
+    if cfg.train.optimizer == "onebit_adam" and (p.sync != "allreduce" or p.tp > 1 or p.pp > 1 or p.zero
+                                                 or cfg.compression.gradient != "none"):
+        raise ConfigError("train.optimizer = 'onebit_adam' compresses the data-parallel exchange itself: it needs "
+                          "parallel.sync = 'allreduce', tp = pp = 1, zero = 0 and compression.gradient = 'none' "
+                          f"(now sync = {p.sync!r}, tp = {p.tp}, pp = {p.pp}, zero = {p.zero}, "
+                          f"gradient = {cfg.compression.gradient!r})")
     if cfg.compression.gradient != "none" and (p.tp > 1 or p.pp > 1 or p.zero >= 2):
         raise ConfigError(f"compression.gradient = {cfg.compression.gradient!r} compresses DDP gradients; "
                           "it needs tp = pp = 1 and zero = 0 or 1")

@@ -24,7 +24,9 @@ near-zero frozen variance (its update would be ``m / eps``).
 
 Status: an experiment, not wired into ``make_optimizer``.  ``benchmarks/compression_sim.py``
 uses it (``freeze_v_after``, ``v_sync`` knobs); on the default GPT it did not bring top-k 1%
-with error feedback closer to fp32 (docs/benchmarks.md, "Gradient compression").
+with error feedback closer to fp32 (docs/benchmarks.md, "Gradient compression").  What the
+simulation found to work, sign-compressed local momentum with synced variance, is the
+optimizer ``train.optimizer = "onebit_adam"`` (:mod:`paratrain.compression.onebit_adam`).
 """
 
 from __future__ import annotations

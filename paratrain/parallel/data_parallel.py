@@ -9,7 +9,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from paratrain.parallel.strategy import Strategy
+from paratrain.parallel.strategy import Strategy, make_optimizer
+
+
+def keep_local(state, bucket):  # no annotations: DDP compares them to dist.GradBucket at run time
+    """A DDP comm hook that sends nothing: each rank keeps its local gradient (1-bit Adam)."""
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
 
 
 def ring_allreduce_bytes(nbytes: int, world: int) -> int:
@@ -42,6 +49,9 @@ class DDPStrategy(Strategy):
         :meth:`step` counts the ring all-reduce's bytes of every gradient, except under the
         hang watchdog (``train.hang_timeout_s`` > 0), which only sees collectives called from
         Python: then a hook makes the same all-reduce through ``dist.all_reduce``."""
+        if self.onebit:
+            ddp.register_comm_hook(None, keep_local)
+            return
         if self.cfg.compression.gradient != "none":
             from paratrain.compression.hooks import register_compression_hook
 
@@ -64,10 +74,26 @@ class DDPStrategy(Strategy):
 
         ddp.register_comm_hook(None, allreduce_counting)
 
+    @property
+    def onebit(self) -> bool:
+        """1-bit Adam exchanges compressed momentum itself; DDP leaves the gradients local."""
+        return self.cfg.train.optimizer == "onebit_adam"
+
+    @property
+    def sharded_optimizer(self) -> bool:  # 1-bit Adam's momentum and residuals differ per rank
+        return self.onebit
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return make_optimizer(model, self.cfg, group=self.dims.dp_group)
+
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
-        # without a hook, one synchronised backward per optimizer step (0 bytes when a hook counts)
+        # without a hook, one synchronised backward per optimizer step (0 bytes when a hook counts);
+        # 1-bit Adam clips the local gradient and communicates inside optimizer.step()
         self.comm_bytes += self._ring_bytes
-        return super().step(model, optimizer)
+        norm = super().step(model, optimizer)
+        if self.onebit:
+            self.comm_bytes += optimizer.take_comm_bytes()
+        return norm
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return model.no_sync() if isinstance(model, DDP) else contextlib.nullcontext()

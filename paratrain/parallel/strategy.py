@@ -101,8 +101,12 @@ class Strategy:
         if self.loss_scaler is not None and not self.loss_scaler.unscale_(model.parameters(), self.dims.distributed):
             optimizer.zero_grad(set_to_none=True)  # fp16 overflow somewhere: every rank skips
             return float("inf")
-        norm = self.clip_grad_norm(model, self.cfg.train.grad_clip)
-        optimizer.step()
+        if getattr(optimizer, "clips_locally", False):  # 1-bit Adam: each rank's own gradient norm
+            optimizer.step()
+            norm = optimizer.last_grad_norm
+        else:
+            norm = self.clip_grad_norm(model, self.cfg.train.grad_clip)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -171,8 +175,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW (decay on matrices only, as GPT-2 does) or SGD with momentum."""
+def make_optimizer(model: nn.Module, cfg: Config, group: Any = None) -> torch.optim.Optimizer:
+    """AdamW (decay on matrices only, as GPT-2 does), SGD with momentum, or 1-bit Adam (AdamW's
+    groups; it exchanges its compressed momentum over ``group`` itself)."""
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     if t.optimizer == "sgd":
@@ -180,6 +185,10 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if t.optimizer == "onebit_adam":
+        from paratrain.compression.onebit_adam import OneBitAdam
+
+        return OneBitAdam(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, clip=t.grad_clip, group=group)
     # On GPUs the fused kernel (one launch for all tensors); on CPU the per-tensor loop, whose
     # rounding the single-process parity tests are written against.
     on_gpu = bool(params) and all(p.device.type == "cuda" for p in params)

@@ -286,7 +286,7 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
         upd = psi / max(1, lay.ps_servers) if setup.ps_mode == "sync" else 0.0
     else:
         upd = psi / d if lay.zero >= 1 else psi
-    opt_bytes = (36 if mixed else 28) if setup.optimizer.startswith("adam") else (20 if mixed else 16)
+    opt_bytes = (36 if mixed else 28) if "adam" in setup.optimizer else (20 if mixed else 16)
     optimizer = upd * opt_bytes / hw.mem_bw + psi * e / hw.mem_bw  # + gradient-norm pass
     if hw.dtensor_param_s and ((lay.zero >= 2 and d > 1) or t > 1):
         # FSDP2 and DTensor TP parameters: every optimizer / clipping op goes through DTensor's

@@ -32,7 +32,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 def optimizer_state_bytes(optimizer: str = "adamw", precision: str = "bf16") -> int:
     """K: optimizer bytes per parameter (fp32 master copy included in mixed precision)."""
     mixed = precision != "fp32"
-    moments = 8 if optimizer.startswith("adam") else 4  # Adam: m, v; SGD: momentum
+    # Adam: m, v; SGD: momentum; 1-bit Adam: m, v, local v, error feedback
+    moments = {"sgd": 4, "onebit_adam": 16}.get(optimizer, 8)
     return moments + (4 if mixed else 0)
 
 
