@@ -281,3 +281,13 @@ def test_measure_layouts_and_configs() -> None:
     bad.model.n_head, bad.model.d_model = 3, 129
     _, why = measure.layout_config(bad, measure.parse_layout("tp2"), 10)
     assert why  # reported as "not available: ...", never estimated instead
+
+
+def test_onebit_adam_sends_a_bit_per_parameter() -> None:
+    hw = GPU_SPECS["h100"].with_(overlap=False, intra_latency=0.0, inter_latency=0.0)
+    model = _gpt()
+    lay = Layout(dp=8, microbatch=1)
+    adam = estimate(model, lay, Setup(8), hw).time_parts["dp_comm"]
+    onebit = estimate(model, lay, Setup(8, optimizer="onebit_adam"), hw).time_parts["dp_comm"]
+    # ring all-reduce 2 (n-1)/n * 2 bytes (bf16 grads) vs all-gather (n-1) * 1/8 byte
+    assert adam / onebit == pytest.approx((2 * 7 / 8 * 2) / (7 / 8), rel=1e-6)

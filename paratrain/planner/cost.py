@@ -278,6 +278,10 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
             total = 2 * m * (gather_time(psi * e, d, g_bw, 0.0) + n_coll * (d - 1) * g_lat)
             total += gather_time(grad_bytes, d, g_bw, 0.0) + n_coll * (d - 1) * g_lat
             zero3_comm = overlapped(total, m * t_mb_compute, total / max(1, 2 * max(counts)), hw.overlap)
+        elif setup.optimizer == "onebit_adam":
+            # 1-bit Adam: an all-gather of one sign bit per parameter inside the optimizer step,
+            # after backward (no overlap); its log2(steps) variance all-reduces are left out
+            dp_comm = (d - 1) * (psi / 8 / dp_bw + dp_lat)
         else:
             buckets = max(1, math.ceil(grad_bytes / setup.bucket_bytes))
             dp_comm = overlapped(t_ar, window, t_ar / buckets, hw.overlap)
@@ -286,7 +290,10 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
         upd = psi / max(1, lay.ps_servers) if setup.ps_mode == "sync" else 0.0
     else:
         upd = psi / d if lay.zero >= 1 else psi
-    opt_bytes = (36 if mixed else 28) if "adam" in setup.optimizer else (20 if mixed else 16)
+    # (bytes per parameter, extra bytes in mixed precision); 1-bit Adam also reads and writes
+    # its residual and local variance
+    base, master = {"sgd": (16, 4), "onebit_adam": (44, 8)}.get(setup.optimizer, (28, 8))
+    opt_bytes = base + (master if mixed else 0)
     optimizer = upd * opt_bytes / hw.mem_bw + psi * e / hw.mem_bw  # + gradient-norm pass
     if hw.dtensor_param_s and ((lay.zero >= 2 and d > 1) or t > 1):
         # FSDP2 and DTensor TP parameters: every optimizer / clipping op goes through DTensor's
