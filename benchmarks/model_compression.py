@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -147,11 +148,29 @@ def variants(run: Path, out: Path, args: argparse.Namespace) -> dict:
     report["int8_engine_ms_b16"] = engine_ms
     report["time_in_linears"] = linear_share({"original": stages[0][1], "int8": stages[1][1]},
                                              R.latency_inputs(val[0], 16))
+    if hasattr(original, "layers"):  # decoder-only GPT / encoder-only BERT
+        report["time_in_linears"].update(ffn_share(original, R.latency_inputs(val[0], 16)))
     R.write_report(out, report)
     return report
 
 
 @torch.inference_mode()
+class _NoFFN(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def ffn_share(model: nn.Module, inputs: dict, repeats: int = 20) -> dict:
+    """The share of the fp32 forward spent in the feed-forward networks (the model timed with and
+    without them, interleaved), and the speedup that halving them could give at most (Amdahl)."""
+    bare = copy.deepcopy(model)
+    for layer in getattr(bare, "layers", {}).values():
+        layer.ffn = _NoFFN()
+    lat = R.measure_latency({"full": model, "bare": bare}, inputs, repeats, threads=1)
+    f = max(0.0, 1 - lat["bare"] / lat["full"])
+    return {"fp32_ffn_share": round(f, 3), "ffn50_amdahl_bound_speedup": round(1 / (1 - f / 2), 2)}
+
+
 def linear_share(models: dict, inputs: dict, runs: int = 3) -> dict:
     """Where the time goes (torch profiler, one thread): the share of each model's forward spent
     in its Linear layers, and how much faster the int8 Linears are than the fp32 ones. With
