@@ -15,13 +15,13 @@ instead, where the update can be made linear in what is sent. Per step, on each 
    replicas stay identical) and steps ``p <- p (1 - lr wd) - lr m / (sqrt(v) + eps)``;
 4. ``v`` is frozen between syncs, so the update is linear in ``m`` and what error feedback
    delays still arrives in full. After steps 1, 2, 4, 8, ... it becomes the ranks' mean
-   ``u_r`` (bias-corrected), one fp32 all-reduce (0/1 Adam's schedule). Step 1, before any
+   ``u_r`` (bias-corrected), one bf16 all-reduce (0/1 Adam's schedule). Step 1, before any
    sync, divides by the decoded momentum's own magnitude: a sign step, as Adam's first is.
 
 The variance from the unclipped gradient and the sync after (not before) the update are what
 the one-process simulation found best (benchmarks/compression_sim.py reproduces this class's
 2-rank run to 0.1%; docs/benchmarks.md). Bytes one rank sends per step:
-``(W - 1) (4 per tensor + numel / 8)`` (all-gather), plus a ring all-reduce of the fp32
+``(W - 1) (4 per tensor + numel / 8)`` (all-gather), plus a ring all-reduce of the bf16
 variance at the sync steps. The local momentum, residual and variance differ between ranks,
 so each rank checkpoints its own state.
 """
@@ -111,10 +111,11 @@ class OneBitAdam(torch.optim.Optimizer):
 
     def _sync_variance(self, params: list[torch.Tensor], t: int) -> None:
         u = torch.cat([self.state[p]["local_sq"].reshape(-1) for p in params])
-        if self.world > 1:
-            self.comm_bytes += ring_allreduce_bytes(u.numel() * u.element_size(), self.world)
-            dist.all_reduce(u, group=self.group)
-            u /= self.world
+        if self.world > 1:  # in bf16: fp32's range, and sqrt(v) needs no more than its 3 digits
+            wire = u.to(torch.bfloat16)
+            self.comm_bytes += ring_allreduce_bytes(wire.numel() * wire.element_size(), self.world)
+            dist.all_reduce(wire, group=self.group)
+            u = wire.float() / self.world
         for p, v in zip(params, u.split([p.numel() for p in params]), strict=True):
             self.state[p]["exp_avg_sq"].copy_(v.view_as(p))
             self.state[p]["var_step"].fill_(t)
