@@ -94,3 +94,17 @@ def test_config_rejects_onebit_outside_plain_data_parallel(extra):
 
     with pytest.raises(ConfigError, match="onebit_adam"):
         Config.load(None, ["--train.optimizer=onebit_adam", *extra])
+
+
+def test_scales_cover_runs_of_chunk_coordinates():
+    p = torch.nn.Parameter(torch.zeros(2500))
+    opt = OneBitAdam([p], chunk=1024, **KW)
+    x = torch.randn(2500)
+    scales, counts = opt._scales(x)
+    assert counts.tolist() == [1024, 1024, 452]
+    torch.testing.assert_close(scales, torch.stack([r.abs().mean() for r in x.split(1024)]))
+    dec = opt.decoded_own(x)
+    torch.testing.assert_close(dec[1024:2048], torch.where(x[1024:2048] >= 0, 1.0, -1.0) * scales[1])
+    assert OneBitAdam([p], chunk=0, **KW)._scales(x)[1].tolist() == [2500]
+    # the all-gathered message decodes to the same thing (one rank: the message it sent)
+    torch.testing.assert_close(opt._exchange([x.view(50, 50)])[0], dec.view(50, 50))

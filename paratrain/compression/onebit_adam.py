@@ -9,8 +9,9 @@ instead, where the update can be made linear in what is sent. Per step, on each 
 1. the local gradient ``g_r`` (DDP's all-reduce is switched off) updates a local variance
    ``u_r = b2 u_r + (1 - b2) g_r^2``; then it is clipped to ``clip`` by its own norm (no
    bytes needed for a global norm) and enters a local momentum ``m_r = b1 m_r + (1 - b1) g_r / W``;
-2. the rank sends ``sign(m_r + e_r)`` (one bit per coordinate) and one fp32 scale per tensor,
-   ``mean |m_r + e_r|``; the error feedback ``e_r`` keeps what the sign code lost;
+2. the rank sends ``sign(m_r + e_r)`` (one bit per coordinate) and one fp32 scale per run of
+   ``chunk`` = 1024 coordinates of a tensor, ``mean |m_r + e_r|`` over the run; the error
+   feedback ``e_r`` keeps what the sign code lost;
 3. every rank sums the W decoded messages into the same ``m`` (same order everywhere, so
    replicas stay identical) and steps ``p <- p (1 - lr wd) - lr m / (sqrt(v) + eps)``;
 4. ``v`` is frozen between syncs, so the update is linear in ``m`` and what error feedback
@@ -18,12 +19,14 @@ instead, where the update can be made linear in what is sent. Per step, on each 
    ``u_r`` (bias-corrected), one bf16 all-reduce (0/1 Adam's schedule). Step 1, before any
    sync, divides by the decoded momentum's own magnitude: a sign step, as Adam's first is.
 
-The variance from the unclipped gradient and the sync after (not before) the update are what
-the one-process simulation found best (benchmarks/compression_sim.py reproduces this class's
-2-rank run to 0.1%; docs/benchmarks.md). Bytes one rank sends per step:
-``(W - 1) (4 per tensor + numel / 8)`` (all-gather), plus a ring all-reduce of the bf16
-variance at the sync steps. The local momentum, residual and variance differ between ranks,
-so each rank checkpoints its own state.
+Three details decide the quality (2-rank runs on the default GPT, 300 steps; docs/benchmarks.md):
+the variance comes from the unclipped gradient, it is synced after (not before) the update,
+and scales cover 1024 coordinates rather than a whole tensor (val loss 1.088x -> 1.050x fp32).
+benchmarks/compression_sim.py reproduces this class's 2-rank run (per-tensor scales) to 0.1%.
+Bytes one rank sends per step: ``(W - 1) (4 ceil(numel / chunk) + numel / 8)`` summed over
+tensors (all-gather), plus a ring all-reduce of the bf16 variance at the sync steps. The
+local momentum, residual and variance differ between ranks, so each rank checkpoints its own
+state.
 """
 
 from __future__ import annotations
@@ -66,11 +69,13 @@ class OneBitAdam(torch.optim.Optimizer):
     ``comm_bytes`` counts what this rank sent since the last :meth:`take_comm_bytes`."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, weight_decay: float = 0.0, clip: float = 0.0, group: Any = None):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+                 eps: float = 1e-8, weight_decay: float = 0.0, clip: float = 0.0, chunk: int = 1024,
+                 group: Any = None):
+        if lr < 0 or eps < 0 or weight_decay < 0 or chunk < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"bad OneBitAdam parameters lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self.group, self.clip = group, float(clip)
+        self.chunk = int(chunk)
         self.clips_locally = True  # the trainer must not clip first: the variance wants the raw gradient
         self.last_grad_norm = 0.0
         self.world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
@@ -89,11 +94,30 @@ class OneBitAdam(torch.optim.Optimizer):
             st["var_step"] = torch.tensor(0.0)  # step of the last variance sync (its bias correction)
         return st
 
+    def _scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean |x| over each run of ``chunk`` coordinates of the flat ``x`` (the last run may be
+        shorter; ``chunk = 0``: one run), and the runs' lengths."""
+        flat = x.reshape(-1)
+        n = flat.numel()
+        c = self.chunk if 0 < self.chunk < n else max(n, 1)
+        k = -(-n // c)
+        sums = torch.nn.functional.pad(flat.abs(), (0, k * c - n)).view(k, c).sum(1)
+        counts = torch.full((k,), c, device=x.device)
+        counts[-1] = n - (k - 1) * c
+        return (sums / counts).float(), counts
+
+    def decoded_own(self, x: torch.Tensor) -> torch.Tensor:
+        """What this rank's message decodes to for ``x``: sign times its run's mean |x|."""
+        sc, counts = self._scales(x)
+        return torch.where(x >= 0, 1.0, -1.0) * torch.repeat_interleave(sc, counts).view_as(x)
+
     def _exchange(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sign-encode each ``x`` (error feedback updated in the caller), all-gather, return the
         sum over ranks of the decoded tensors, in ``xs``'s order and shapes."""
         flat = torch.cat([x.reshape(-1) for x in xs])
-        scales = torch.stack([x.abs().mean() for x in xs]).float()
+        parts = [self._scales(x) for x in xs]
+        scales = torch.cat([sc for sc, _ in parts])
+        runs = torch.cat([counts for _, counts in parts])
         msg = torch.cat([scales.view(torch.uint8), pack_signs(flat)])  # scales first: aligned for .view
         if self.world > 1:
             self.comm_bytes += allgather_bytes(msg.numel(), self.world)
@@ -101,12 +125,11 @@ class OneBitAdam(torch.optim.Optimizer):
             dist.all_gather(msgs, msg, group=self.group)
         else:
             msgs = [msg]
-        n, n_scale = flat.numel(), 4 * len(xs)
-        sizes = [x.numel() for x in xs]
+        n, n_scale = flat.numel(), 4 * scales.numel()
         total = torch.zeros(n, dtype=torch.float32, device=flat.device)
         for m in msgs:  # the same order on every rank: identical sums, identical replicas
-            sc = m[:n_scale].view(torch.float32)
-            total += unpack_signs(m[n_scale:], n) * torch.repeat_interleave(sc, torch.tensor(sizes, device=sc.device))
+            total += unpack_signs(m[n_scale:], n) * torch.repeat_interleave(m[:n_scale].view(torch.float32), runs)
+        sizes = [x.numel() for x in xs]
         return [t.view_as(x).to(x.dtype) for t, x in zip(total.split(sizes), xs, strict=True)]
 
     def _sync_variance(self, params: list[torch.Tensor], t: int) -> None:
@@ -145,7 +168,7 @@ class OneBitAdam(torch.optim.Optimizer):
         t = int(self.state[params[0]]["step"])
         decoded = self._exchange(xs)
         for p, x in zip(params, xs, strict=True):
-            self.state[p]["error"].copy_(x - torch.where(x >= 0, 1.0, -1.0) * x.abs().mean())
+            self.state[p]["error"].copy_(x - self.decoded_own(x))
         i = 0
         for group in self.param_groups:
             lr, eps, wd, beta2 = group["lr"], group["eps"], group["weight_decay"], group["betas"][1]
