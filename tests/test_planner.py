@@ -291,3 +291,8 @@ def test_onebit_adam_sends_a_bit_per_parameter() -> None:
     onebit = estimate(model, lay, Setup(8, optimizer="onebit_adam"), hw).time_parts["dp_comm"]
     # ring all-reduce 2 (n-1)/n * 2 bytes (bf16 grads) vs all-gather (n-1) * 1/8 byte
     assert adam / onebit == pytest.approx((2 * 7 / 8 * 2) / (7 / 8), rel=1e-6)
+    # and the search keeps to the layouts it runs on
+    from paratrain.planner.search import layouts
+
+    lays = list(layouts(model, 8, Setup(8, optimizer="onebit_adam"), hw))
+    assert lays and all((x.tp, x.pp, x.zero, x.sync) == (1, 1, 0, "allreduce") for x in lays)

@@ -64,6 +64,8 @@ def layouts(model: ModelSpec, n: int, setup: Setup, hw: HardwareSpec,
     """Every layout of ``n`` devices the planner considers, restricted by ``fixed`` values
     (keys: tp, pp, dp, zero, microbatch, recompute, sync, schedule)."""
     fx = {k: v for k, v in (fixed or {}).items() if v is not None}
+    if setup.optimizer == "onebit_adam":  # 1-bit Adam runs on plain all-reduce data parallel only
+        fx = {"tp": 1, "pp": 1, "zero": 0, "sync": "allreduce", **fx}
     B = setup.global_batch
     ok = lambda key, val: key not in fx or fx[key] == val  # noqa: E731
     recomputes = ["none", "full"] if setup.flash else ["none", "selective", "full"]
