@@ -207,8 +207,9 @@ def test_paratrain_ddp_topk(tmp_path):
 def test_paratrain_onebit_adam(tmp_path):
     """1-bit Adam end to end: DDP keeps gradients local; the optimizer all-gathers one sign bit
     per coordinate + one fp32 scale per 1024, and all-reduces the bf16 variance at steps 1, 2, 4, ..."""
-    summary, metrics = _launch(tmp_path, "onebit", ["--parallel.nproc=2", "--train.optimizer=onebit_adam",
-                                                    "--train.lr=0.01", "--checkpoint.keep=1"])
+    args = ["--parallel.nproc=2", "--train.optimizer=onebit_adam", "--train.lr=0.01",
+            "--checkpoint.every=10", "--checkpoint.keep=2"]
+    summary, metrics = _launch(tmp_path, "onebit", args)
     assert summary["status"] == "ok", summary
     import torch
 
@@ -229,6 +230,14 @@ def test_paratrain_onebit_adam(tmp_path):
     states = [torch.load(step_dir / f"optim_rank{r}.pt", weights_only=True)["optimizer"]["state"] for r in (0, 1)]
     assert torch.equal(states[0][0]["exp_avg_sq"], states[1][0]["exp_avg_sq"])
     assert not torch.equal(states[0][0]["exp_avg"], states[1][0]["exp_avg"])
+    # resuming from step 10 (each rank its own momentum, residual and variance) retraces steps 11-20
+    import shutil
+
+    shutil.rmtree(step_dir)
+    _, again = _launch(tmp_path, "onebit", [*args, "--checkpoint.resume=true"])
+    resumed = [m for m in again if "loss" in m][-10:]
+    assert [m["step"] for m in resumed] == list(range(11, 21))
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(resumed, rows[10:], strict=True)) < 1e-6
 
 
 def test_paratrain_ps_compressed(tmp_path):
