@@ -99,7 +99,9 @@ class OneBitAdam(torch.optim.Optimizer):
         shorter; ``chunk = 0``: one run), and the runs' lengths."""
         flat = x.reshape(-1)
         n = flat.numel()
-        c = self.chunk if 0 < self.chunk < n else max(n, 1)
+        if n == 0:
+            return flat.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.long, device=x.device)
+        c = self.chunk if 0 < self.chunk < n else n
         k = -(-n // c)
         sums = torch.nn.functional.pad(flat.abs(), (0, k * c - n)).view(k, c).sum(1)
         counts = torch.full((k,), c, device=x.device)
