@@ -37,6 +37,14 @@ from typing import Any
 import torch
 
 
+def run_closure(closure: Any) -> Any:
+    """The loss of an optimizer ``step(closure)``: the closure re-evaluated with grad on, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class FrozenVarianceAdamW(torch.optim.Optimizer):
     """AdamW whose second moment stops updating after ``freeze_after`` steps (1-bit Adam's rule)."""
 
@@ -54,10 +62,7 @@ class FrozenVarianceAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             beta1, beta2 = group["betas"]

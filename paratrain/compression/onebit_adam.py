@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from paratrain.compression.frozen_adam import run_closure
 from paratrain.compression.hooks import allgather_bytes
 from paratrain.parallel.data_parallel import ring_allreduce_bytes
 
@@ -147,10 +148,7 @@ class OneBitAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         params = [p for g in self.param_groups for p in g["params"]]
         if not params:
             return loss
