@@ -10,7 +10,8 @@
   (straight-through gradients) that mimic the dynamic int8 kernels, then convert.
 - ``quantize_weight_only``: int8 (per channel) or group-wise int4 weights with fp32 compute;
   pays on disk and in memory, not in CPU speed.
-Embeddings stay fp32 in every mode (a tied LM head gets its own int8 copy).
+Embedding lookups stay fp32 in every mode, and a head tied to the embedding stays fp32 and shared
+(``quantize_embeddings_int8`` can still store the table as int8 rows).
 """
 
 from __future__ import annotations
