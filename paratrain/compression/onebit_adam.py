@@ -109,31 +109,31 @@ class OneBitAdam(torch.optim.Optimizer):
         counts[-1] = n - (k - 1) * c
         return (sums / counts).float(), counts
 
-    def decoded_own(self, x: torch.Tensor) -> torch.Tensor:
-        """What this rank's message decodes to for ``x``: sign times its run's mean |x|."""
-        sc, counts = self._scales(x)
-        return torch.where(x >= 0, 1.0, -1.0) * torch.repeat_interleave(sc, counts).view_as(x)
-
-    def _exchange(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Sign-encode each ``x`` (error feedback updated in the caller), all-gather, return the
-        sum over ranks of the decoded tensors, in ``xs``'s order and shapes."""
+    def _exchange(self, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Sign-encode each ``x``, all-gather; return (the sum over ranks of the decoded tensors,
+        what this rank's own message decodes to), both in ``xs``'s order and shapes."""
         flat = torch.cat([x.reshape(-1) for x in xs])
         parts = [self._scales(x) for x in xs]
         scales = torch.cat([sc for sc, _ in parts])
         runs = torch.cat([counts for _, counts in parts])
         msg = torch.cat([scales.view(torch.uint8), pack_signs(flat)])  # scales first: aligned for .view
+        own = torch.where(flat >= 0, 1.0, -1.0) * torch.repeat_interleave(scales, runs)
         if self.world > 1:
             self.comm_bytes += allgather_bytes(msg.numel(), self.world)
             msgs = [torch.empty_like(msg) for _ in range(self.world)]
             dist.all_gather(msgs, msg, group=self.group)
+            n, n_scale = flat.numel(), 4 * scales.numel()
+            total = torch.zeros(n, dtype=torch.float32, device=flat.device)
+            for m in msgs:  # the same order on every rank: identical sums, identical replicas
+                total += unpack_signs(m[n_scale:], n) * torch.repeat_interleave(m[:n_scale].view(torch.float32), runs)
         else:
-            msgs = [msg]
-        n, n_scale = flat.numel(), 4 * scales.numel()
-        total = torch.zeros(n, dtype=torch.float32, device=flat.device)
-        for m in msgs:  # the same order on every rank: identical sums, identical replicas
-            total += unpack_signs(m[n_scale:], n) * torch.repeat_interleave(m[:n_scale].view(torch.float32), runs)
+            total = own
         sizes = [x.numel() for x in xs]
-        return [t.view_as(x).to(x.dtype) for t, x in zip(total.split(sizes), xs, strict=True)]
+
+        def shaped(t: torch.Tensor) -> list[torch.Tensor]:
+            return [c.view_as(x).to(x.dtype) for c, x in zip(t.split(sizes), xs, strict=True)]
+
+        return shaped(total), shaped(own)
 
     def _sync_variance(self, params: list[torch.Tensor], t: int) -> None:
         u = torch.cat([self.state[p]["local_sq"].reshape(-1) for p in params])
@@ -166,9 +166,9 @@ class OneBitAdam(torch.optim.Optimizer):
                 xs.append(st["exp_avg"] + st["error"])
                 i += 1
         t = int(self.state[params[0]]["step"])
-        decoded = self._exchange(xs)
-        for p, x in zip(params, xs, strict=True):
-            self.state[p]["error"].copy_(x - self.decoded_own(x))
+        decoded, own = self._exchange(xs)
+        for p, x, mine in zip(params, xs, own, strict=True):
+            self.state[p]["error"].copy_(x - mine)
         i = 0
         for group in self.param_groups:
             lr, eps, wd, beta2 = group["lr"], group["eps"], group["weight_decay"], group["betas"][1]

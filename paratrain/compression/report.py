@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import statistics
 import time
@@ -74,9 +75,7 @@ def latency_inputs(batch: dict[str, Tensor], size: int) -> dict[str, Tensor]:
     return {k: v.repeat(reps, *([1] * (v.dim() - 1)))[:size].contiguous() for k, v in inp.items()}
 
 
-_ALLOCATOR = {"tuned": False}
-
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """Make glibc keep freed activation memory for reuse instead of handing it back to the OS.
 
@@ -86,8 +85,6 @@ def keep_freed_memory() -> bool:
     alone. Fixing the mmap threshold at its 32 MiB maximum and never trimming is the same
     remedy as serving with jemalloc / tcmalloc. Applied once per process, before timing, and
     to every stage alike; returns whether it took effect (False off glibc)."""
-    if _ALLOCATOR["tuned"]:
-        return True
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
@@ -96,9 +93,7 @@ def keep_freed_memory() -> bool:
     if libc is None or not hasattr(libc, "mallopt"):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
-    _ALLOCATOR["tuned"] = ok
-    return ok
+    return libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
 
 
 @torch.inference_mode()
