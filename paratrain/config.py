@@ -117,6 +117,7 @@ class CompressionConfig:
     gradient: str = "none"  # none | fp16 | bf16 | int8 | topk | powersgd
     topk_ratio: float = 0.01
     powersgd_rank: int = 2
+    powersgd_vectors: str = "fp32"  # fp32 | int8: how PowerSGD sends what it cannot factor (biases, norms)
     error_feedback: bool = True
     int8_chunk: int = 1024
     int8_rounding: str = "nearest"  # nearest | stochastic
@@ -172,6 +173,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("ps", "optimizer"): ("", "adamw", "sgd"),
     ("compression", "gradient"): ("none", "fp16", "bf16", "int8", "topk", "powersgd"),
     ("compression", "int8_rounding"): ("nearest", "stochastic"),
+    ("compression", "powersgd_vectors"): ("fp32", "int8"),
 }
 
 # (section, key) -> (min, max) inclusive; None = unbounded

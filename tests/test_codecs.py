@@ -130,6 +130,19 @@ def test_powersgd_warm_start_converges_and_raw_fallback():
         v = _randn(*shape)
         p = codec.encode(v)
         assert p.info["raw"] == 1 and torch.equal(decode(p), v)
+    # powersgd_vectors = "int8": what cannot be factored goes through the int8 codec, error feedback kept
+    codec = get_codec("powersgd", rank=2, chunk=16, vectors="int8")
+    st = codec.new_state(error_feedback=True)
+    total_in, total_out = torch.zeros(50), torch.zeros(50)
+    for step in range(5):
+        v = _randn(50, seed=10 + step)
+        p = codec.encode(v, st)
+        assert p.codec == "int8" and p.nbytes == 50 + 4 * 4
+        total_in, total_out = total_in + v, total_out + decode(p)
+    assert torch.allclose(total_out + st.residual, total_in, atol=1e-5)
+    assert codec.encode(x, codec.new_state(False)).codec == "powersgd"  # matrices unchanged
+    with pytest.raises(ValueError, match="vectors"):
+        get_codec("powersgd", vectors="fp16")
 
 
 @pytest.mark.parametrize("name", CODECS)

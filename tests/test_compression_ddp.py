@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CODECS = ["fp16", "bf16", "int8", "topk", "powersgd"]
+CODECS = ["fp16", "bf16", "int8", "topk", "powersgd", "powersgd-int8v"]  # int8v: vectors sent as int8
 TINY = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.d_ff=64",
         "--data.seq_len=32", "--data.batch_size=4", "--train.steps=20", "--train.warmup_steps=2",
         "--train.log_every=1", "--train.eval_every=0", "--train.eval_batches=2", "--checkpoint.keep=0"]
@@ -39,15 +39,19 @@ def _expected_bytes(codec: str, params, world: int, ratio: float, rank: int, chu
         return (world - 1) * (n + 4 * math.ceil(n / chunk))
     if codec == "topk":  # k per tensor of the bucket
         return (world - 1) * 8 * sum(topk_count(p.numel(), ratio) for p in params)
-    first = second = 0
+    first = second = vectors = 0
     for p in params:
         if powersgd_applies(tuple(p.shape), rank):
             rows, cols = matrix_shape(tuple(p.shape))
             r = min(rank, rows, cols)
             first, second = first + rows * r, second + cols * r
         else:
-            first += p.numel()
-    return ring_allreduce_bytes(4 * first, world) + ring_allreduce_bytes(4 * second, world)
+            vectors += p.numel()
+    if codec == "powersgd-int8v":  # all-gather of the vectors' int8 payload: a byte each + a scale per chunk
+        extra = (world - 1) * (vectors + 4 * math.ceil(vectors / chunk))
+    else:
+        first, extra = first + vectors, 0
+    return ring_allreduce_bytes(4 * first, world) + ring_allreduce_bytes(4 * second, world) + extra
 
 
 def _train_one(codec: str, rank: int, world: int) -> dict:
@@ -61,7 +65,9 @@ def _train_one(codec: str, rank: int, world: int) -> dict:
 
     class Strat:  # the part of a Strategy the hooks use
         def __init__(self):
-            self.cfg = Config.load(overrides=[f"--compression.gradient={codec}", "--compression.topk_ratio=0.05",
+            name, _, vec = codec.partition("-")
+            self.cfg = Config.load(overrides=[f"--compression.gradient={name}", "--compression.topk_ratio=0.05",
+                                              f"--compression.powersgd_vectors={'int8' if vec else 'fp32'}",
                                               "--compression.int8_chunk=64", "--compression.powersgd_rank=2",
                                               "--compression.fallback_window=3", "--compression.fallback_steps=2"])
             self.dims = ParallelDims(world_size=world, rank=rank, dp=world)

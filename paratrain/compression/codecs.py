@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 CODECS = ("none", "fp16", "bf16", "int8", "topk", "powersgd")
+POWERSGD_VECTORS = ("fp32", "int8")  # how PowerSGD sends the tensors it cannot factor
 
 
 @dataclass
@@ -256,19 +257,27 @@ def valid_q(q: torch.Tensor | None, m: int, rank: int) -> bool:
 class PowerSGDCodec(Codec):
     """Rank-r factorization M ~ P Q^T by one power iteration per step, warm-started from last Q.
 
-    Vectors and matrices too small to gain are sent raw (``info['raw'] = 1``).
+    Tensors it cannot factor with a gain (vectors: biases, norm weights; tiny matrices) go
+    ``vectors = "fp32"``: raw (``info['raw'] = 1``), as torch's hook sends them, or
+    ``vectors = "int8"``: through :class:`Int8Codec` (an ``int8`` payload, error feedback
+    alike).  At rank 4 on a 128-wide model the vectors are 15% of PowerSGD's bytes raw.
     """
 
     name = "powersgd"
 
-    def __init__(self, rank: int = 2):
+    def __init__(self, rank: int = 2, vectors: str = "fp32", chunk: int = 1024, rounding: str = "nearest"):
         if rank < 1:
             raise ValueError(f"powersgd rank must be >= 1, got {rank}")
+        if vectors not in POWERSGD_VECTORS:
+            raise ValueError(f"powersgd vectors must be one of {', '.join(POWERSGD_VECTORS)}, got {vectors!r}")
         self.rank = rank
+        self.vectors = Int8Codec(chunk, rounding) if vectors == "int8" else None
 
     def _encode(self, x: torch.Tensor, state: CodecState | None, segments: list[int] | None = None) -> Payload:
         shape = tuple(x.shape)
         if not powersgd_applies(shape, self.rank):
+            if self.vectors is not None:
+                return self.vectors._encode(x, state)
             return Payload("powersgd", shape, x.dtype, [x.contiguous().clone()], {"raw": 1})
         n, m = matrix_shape(shape)
         r = min(self.rank, n, m)
@@ -349,7 +358,7 @@ def decode(payload: Payload) -> torch.Tensor:
 
 
 def get_codec(name: str, *, ratio: float = 0.01, rank: int = 2, chunk: int = 1024,
-              rounding: str = "nearest") -> Codec:
+              rounding: str = "nearest", vectors: str = "fp32") -> Codec:
     """A codec by name with its parameters (the ones it does not use are ignored)."""
     if name == "none":
         return Codec()
@@ -360,11 +369,12 @@ def get_codec(name: str, *, ratio: float = 0.01, rank: int = 2, chunk: int = 102
     if name == "topk":
         return TopKCodec(ratio)
     if name == "powersgd":
-        return PowerSGDCodec(rank)
+        return PowerSGDCodec(rank, vectors, chunk, rounding)
     raise ValueError(f"unknown gradient codec {name!r} (one of {', '.join(CODECS)})")
 
 
 def make_codec(comp: Any) -> Codec:
     """The codec a ``[compression]`` config section asks for."""
     return get_codec(comp.gradient, ratio=comp.topk_ratio, rank=comp.powersgd_rank,
-                     chunk=comp.int8_chunk, rounding=comp.int8_rounding)
+                     chunk=comp.int8_chunk, rounding=comp.int8_rounding,
+                     vectors=getattr(comp, "powersgd_vectors", "fp32"))

@@ -6,9 +6,10 @@ compressed exchange, and adds the bytes this rank sent to ``strategy.comm_bytes`
 - fp16 / bf16: all-reduce of the cast values (error feedback keeps the cast error locally);
 - int8 / top-k: all-gather of every rank's payload (packed into one byte buffer), decoded
   and summed locally (int8 sums would overflow; top-k index sets differ per rank);
-- PowerSGD: all-reduce of P (+ the bucket's vectors, sent raw), orthonormalize, then
-  all-reduce of Q; residual ``M - P Q_local^T`` kept for error feedback; Q warm-starts
-  the next step (identical on all ranks).
+- PowerSGD: all-reduce of P (+ the bucket's vectors, sent raw; or, with
+  ``powersgd_vectors = "int8"``, an all-gather of their int8 payloads), orthonormalize,
+  then all-reduce of Q; residual ``M - P Q_local^T`` kept for error feedback; Q
+  warm-starts the next step (identical on all ranks).
 
 Byte convention (docs/compression.md): an all-reduce of S bytes costs each rank
 ``2 (n-1)/n * S`` (ring), an all-gather of S bytes per rank costs ``(n-1) * S``.
@@ -224,10 +225,21 @@ def powersgd_hook(state: CompressionHookState, bucket):  # no annotations (see c
             valid_q(q, m, r) for q, (_, _, m, r) in zip(qs, mats, strict=True)):
         qs = [initial_q(m, r, seed=1000 * bucket.index() + i).to(x.device) for i, (_, _, m, r) in enumerate(mats)]
     ms = [x[o:o + n * m].view(n, m) for o, n, m, _ in mats]
+    int8 = comp.codec.vectors if raw else None  # the unfactorable tensors as int8 (all-gathered) or raw
+    if int8 is not None:
+        vec = torch.cat([x[o:o + k] for o, k in raw])
+        vpay = int8._encode(vec, st)
+        state.payload_bytes += vpay.nbytes
+        gathered, gfut = state.all_gather(pack(vpay.tensors))
     first = torch.cat([(mat @ q).reshape(-1) for mat, q in zip(ms, qs, strict=True)]
-                      + [x[o:o + k] for o, k in raw]) if (mats or raw) else x[:0]
+                      + ([] if int8 is not None else [x[o:o + k] for o, k in raw])) if (mats or raw) else x[:0]
     state.payload_bytes += first.numel() * first.element_size()
     state.all_reduce(first).wait()
+    if int8 is not None:  # issued first on the same group, so already complete
+        gfut.wait()
+        mine = decode(vpay)
+        vsum = sum(decode(Payload("int8", vpay.shape, vpay.dtype, unpack(g, vpay.tensors), vpay.info))
+                   for g in gathered)
     ps, pos = [], 0
     for _, n, _, r in mats:
         ps.append(orthonormalize(first[pos:pos + n * r].view(n, r)))
@@ -237,8 +249,10 @@ def powersgd_hook(state: CompressionHookState, bucket):  # no annotations (see c
         residual = x.clone()
         for (o, n, m, _), p, q in zip(mats, ps, q_local, strict=True):
             residual[o:o + n * m] -= (p @ q.t()).reshape(-1)
+        vpos = 0
         for o, k in raw:
-            residual[o:o + k] = 0
+            residual[o:o + k] = vec[vpos:vpos + k] - mine[vpos:vpos + k] if int8 is not None else 0
+            vpos += k
         st.residual = residual
     second = torch.cat([q.reshape(-1) for q in q_local]) if q_local else x[:0]
     state.payload_bytes += second.numel() * second.element_size()
@@ -252,9 +266,9 @@ def powersgd_hook(state: CompressionHookState, bucket):  # no annotations (see c
             buf[o:o + n * m].copy_((p @ q.t()).reshape(-1))
             new_qs.append(q)
         state.qs[key] = new_qs
-        rpos = pos
+        rpos, src = (0, vsum) if int8 is not None else (pos, first)
         for o, k in raw:
-            buf[o:o + k].copy_(first[rpos:rpos + k])
+            buf[o:o + k].copy_(src[rpos:rpos + k])
             rpos += k
         return buf
 
