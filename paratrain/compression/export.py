@@ -69,8 +69,9 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
         else:
             lins[name] = [mod.out_features, mod.in_features, mod.bias is not None, kind, mod.group]
     heads = {n: m.n_head for n, m in model.named_modules() if isinstance(m, MultiHeadAttention)}
+    fused = [n for n, m in model.named_modules() if isinstance(m, MultiHeadAttention) and m.qkv_proj is not None]
     return {"format": FORMAT, "arch": dataclasses.asdict(model.cfg), "vocab_size": model.vocab_size,
-            "pad_id": model.pad_id, "linears": lins, "heads": heads, "static_int8": static,
+            "pad_id": model.pad_id, "linears": lins, "heads": heads, "fused_qkv": fused, "static_int8": static,
             "engine": getattr(model, "quant_engine", None)}
 
 
@@ -197,6 +198,8 @@ def skeleton(spec: dict[str, Any], tensors: dict[str, Tensor] | None = None) -> 
     model = build_model(cfg, spec["vocab_size"], spec["pad_id"]).eval()
     for name, n_head in spec["heads"].items():
         model.get_submodule(name).n_head = n_head
+    for name in spec.get("fused_qkv", []):
+        model.get_submodule(name).fuse_qkv()
     static = []
     for name, (out_f, in_f, bias, kind, *rest) in spec["linears"].items():
         cur = model.get_submodule(name)

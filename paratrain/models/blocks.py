@@ -58,6 +58,28 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.core = AttentionCore(dropout)
         self.drop = nn.Dropout(dropout)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_qkv (inference only)
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Replace ``q_proj``, ``k_proj``, ``v_proj`` by one Linear ``qkv_proj`` computing all three.
+
+        For inference after training (self-attention only): one matmul instead of three, and a
+        dynamically quantized model quantizes its input once instead of three times. Works on
+        pruned widths (it concatenates whatever the three projections hold).
+        """
+        if self.cross:
+            raise ValueError("fuse_qkv: cross-attention projects queries and keys from different inputs")
+        if self.qkv_proj is not None:
+            return
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
+                          bias=parts[0].bias is not None, device=parts[0].weight.device, dtype=parts[0].weight.dtype)
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = fused
 
     def _heads(self, t: Tensor) -> Tensor:
         # (B, T, F) -> (B, F // head_dim, T, head_dim). Under tensor parallel F is the local
@@ -66,10 +88,15 @@ class MultiHeadAttention(nn.Module):
         return t.view(b, n, f // self.head_dim, self.head_dim).transpose(1, 2)
 
     def forward(self, x: Tensor, kv: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
-        src = x if kv is None else kv
-        q = self._heads(self.q_proj(x))
-        k = self._heads(self.k_proj(src))
-        v = self._heads(self.v_proj(src))
+        if self.qkv_proj is not None:
+            if kv is not None:
+                raise ValueError("a fused q/k/v projection serves self-attention only")
+            q, k, v = (self._heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
+        else:
+            src = x if kv is None else kv
+            q = self._heads(self.q_proj(x))
+            k = self._heads(self.k_proj(src))
+            v = self._heads(self.v_proj(src))
         mask, is_causal = None, self.causal
         if key_padding_mask is not None:
             # SDPA's bool mask means "may attend"; it cannot be combined with is_causal.
