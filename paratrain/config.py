@@ -118,6 +118,8 @@ class CompressionConfig:
     topk_ratio: float = 0.01
     powersgd_rank: int = 2
     powersgd_vectors: str = "fp32"  # fp32 | int8: how PowerSGD sends what it cannot factor (biases, norms)
+    powersgd_exchange: str = "allreduce"  # allreduce (shared P, Q) | allgather (each rank's own factors)
+    powersgd_iterations: int = 1  # power iterations per step; > 1 only where a sender factorizes alone
     error_feedback: bool = True
     int8_chunk: int = 1024
     int8_rounding: str = "nearest"  # nearest | stochastic
@@ -174,6 +176,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("compression", "gradient"): ("none", "fp16", "bf16", "int8", "topk", "powersgd"),
     ("compression", "int8_rounding"): ("nearest", "stochastic"),
     ("compression", "powersgd_vectors"): ("fp32", "int8"),
+    ("compression", "powersgd_exchange"): ("allreduce", "allgather"),
 }
 
 # (section, key) -> (min, max) inclusive; None = unbounded
@@ -225,6 +228,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("compression", "topk_ratio"): (1e-6, 1.0),
     ("compression", "powersgd_rank"): (1, None),
     ("compression", "int8_chunk"): (1, None),
+    ("compression", "powersgd_iterations"): (1, None),
     ("compression", "fallback_factor"): (1.0, None),
     ("compression", "fallback_window"): (1, None),
     ("compression", "fallback_steps"): (0, None),

@@ -107,6 +107,12 @@ def check_layout(cfg: Config) -> None:
     if cfg.compression.gradient != "none" and (p.tp > 1 or p.pp > 1 or p.zero >= 2):
         raise ConfigError(f"compression.gradient = {cfg.compression.gradient!r} compresses DDP gradients; "
                           "it needs tp = pp = 1 and zero = 0 or 1")
+    c = cfg.compression
+    if (c.gradient == "powersgd" and c.powersgd_iterations > 1 and p.sync == "allreduce"
+            and c.powersgd_exchange == "allreduce"):
+        raise ConfigError(f"compression.powersgd_iterations = {c.powersgd_iterations} needs each rank to factorize "
+                          "alone: set compression.powersgd_exchange = 'allgather' (or parallel.sync = 'ps'); "
+                          "the shared all-reduce exchange runs one iteration per step")
 
 
 def check_model_layout(cfg: Config) -> None:

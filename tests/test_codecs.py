@@ -130,6 +130,11 @@ def test_powersgd_warm_start_converges_and_raw_fallback():
         v = _randn(*shape)
         p = codec.encode(v)
         assert p.info["raw"] == 1 and torch.equal(decode(p), v)
+    # k power iterations in one call == k single-iteration calls from the same warm start
+    many, st = get_codec("powersgd", rank=2, iterations=15), codec.new_state(error_feedback=False)
+    for _ in range(15):
+        single = codec.encode(x, st)
+    torch.testing.assert_close(decode(many.encode(x, many.new_state(False))), decode(single), atol=1e-5, rtol=1e-4)
     # powersgd_vectors = "int8": what cannot be factored goes through the int8 codec, error feedback kept
     codec = get_codec("powersgd", rank=2, chunk=16, vectors="int8")
     st = codec.new_state(error_feedback=True)

@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CODECS = ["fp16", "bf16", "int8", "topk", "powersgd", "powersgd-int8v"]  # int8v: vectors sent as int8
+# codecs and PowerSGD variants: int8v sends the vectors as int8; allgather exchanges each rank's own factors
+VARIANTS = {"powersgd-int8v": ["--compression.gradient=powersgd", "--compression.powersgd_vectors=int8"],
+            "powersgd-allgather": ["--compression.gradient=powersgd", "--compression.powersgd_vectors=int8",
+                                   "--compression.powersgd_exchange=allgather"]}
+CODECS = ["fp16", "bf16", "int8", "topk", "powersgd", *VARIANTS]
 TINY = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.d_ff=64",
         "--data.seq_len=32", "--data.batch_size=4", "--train.steps=20", "--train.warmup_steps=2",
         "--train.log_every=1", "--train.eval_every=0", "--train.eval_batches=2", "--checkpoint.keep=0"]
@@ -47,6 +51,10 @@ def _expected_bytes(codec: str, params, world: int, ratio: float, rank: int, chu
             first, second = first + rows * r, second + cols * r
         else:
             vectors += p.numel()
+    if codec == "powersgd-allgather":  # every rank's factors and int8 vectors (a scale per chunk of each)
+        int8 = sum(p.numel() + 4 * math.ceil(p.numel() / chunk) for p in params
+                   if not powersgd_applies(tuple(p.shape), rank))
+        return (world - 1) * (4 * (first + second) + int8)
     if codec == "powersgd-int8v":  # all-gather of the vectors' int8 payload: a byte each + a scale per chunk
         extra = (world - 1) * (vectors + 4 * math.ceil(vectors / chunk))
     else:
@@ -65,9 +73,8 @@ def _train_one(codec: str, rank: int, world: int) -> dict:
 
     class Strat:  # the part of a Strategy the hooks use
         def __init__(self):
-            name, _, vec = codec.partition("-")
-            self.cfg = Config.load(overrides=[f"--compression.gradient={name}", "--compression.topk_ratio=0.05",
-                                              f"--compression.powersgd_vectors={'int8' if vec else 'fp32'}",
+            chosen = VARIANTS.get(codec, [f"--compression.gradient={codec}"])
+            self.cfg = Config.load(overrides=[*chosen, "--compression.topk_ratio=0.05",
                                               "--compression.int8_chunk=64", "--compression.powersgd_rank=2",
                                               "--compression.fallback_window=3", "--compression.fallback_steps=2"])
             self.dims = ParallelDims(world_size=world, rank=rank, dp=world)
@@ -163,7 +170,8 @@ def test_hooks_train_and_count_bytes(hook_results, codec):
     assert r["replicas_equal"]
     # top-k 5% with error feedback under SGD momentum 0.9 oscillates on this toy regression
     assert sum(losses[-5:]) < (0.45 if codec == "topk" else 0.3) * sum(losses[:5]), losses
-    assert r["states"] == r["layouts"] == 1  # one bucket: one state after the rebuild, no stale one
+    # one bucket: one state after the rebuild, no stale one (per-rank factors: also one per parameter)
+    assert r["layouts"] == 1 and r["states"] == (1 + 4 if codec == "powersgd-allgather" else 1)
     if codec != "topk":  # top-k 5% converges visibly slower in 30 steps; the others track fp32
         assert losses[29] < 1.2 * base["losses"][29] + 0.02, (losses[29], base["losses"][29])
     # bytes handed to the collectives == what the codec's payload sizes predict, every compressed step

@@ -43,6 +43,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("--data.source=nothing", "data.source"),
         ("--data.seq_len=1000", "exceeds model.max_seq_len"),
         ("--parallel.dp=3", "make the product equal nproc"),
+        ("--compression.powersgd_exchange=ring", "powersgd_exchange"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(override, message, capsys):

@@ -255,7 +255,9 @@ def valid_q(q: torch.Tensor | None, m: int, rank: int) -> bool:
 
 
 class PowerSGDCodec(Codec):
-    """Rank-r factorization M ~ P Q^T by one power iteration per step, warm-started from last Q.
+    """Rank-r factorization M ~ P Q^T by ``iterations`` power iterations per step, warm-started
+    from last Q (a sender that factorizes alone, as a parameter-server worker or a rank with
+    ``powersgd_exchange = "allgather"`` does, gets more of them for compute only).
 
     Tensors it cannot factor with a gain (vectors: biases, norm weights; tiny matrices) go
     ``vectors = "fp32"``: raw (``info['raw'] = 1``), as torch's hook sends them, or
@@ -265,12 +267,13 @@ class PowerSGDCodec(Codec):
 
     name = "powersgd"
 
-    def __init__(self, rank: int = 2, vectors: str = "fp32", chunk: int = 1024, rounding: str = "nearest"):
-        if rank < 1:
-            raise ValueError(f"powersgd rank must be >= 1, got {rank}")
+    def __init__(self, rank: int = 2, vectors: str = "fp32", chunk: int = 1024, rounding: str = "nearest",
+                 iterations: int = 1):
+        if rank < 1 or iterations < 1:
+            raise ValueError(f"powersgd rank and iterations must be >= 1, got {rank} and {iterations}")
         if vectors not in POWERSGD_VECTORS:
             raise ValueError(f"powersgd vectors must be one of {', '.join(POWERSGD_VECTORS)}, got {vectors!r}")
-        self.rank = rank
+        self.rank, self.iterations = rank, iterations
         self.vectors = Int8Codec(chunk, rounding) if vectors == "int8" else None
 
     def _encode(self, x: torch.Tensor, state: CodecState | None, segments: list[int] | None = None) -> Payload:
@@ -285,8 +288,9 @@ class PowerSGDCodec(Codec):
         q = state.q if state is not None else None
         if not valid_q(q, m, r):
             q = initial_q(m, r, state.seed if state is not None else 0).to(mat.device)
-        p = orthonormalize(mat @ q)
-        q = mat.t() @ p
+        for _ in range(self.iterations):  # from the warm start towards the best rank-r approximation
+            p = orthonormalize(mat @ q)
+            q = mat.t() @ p
         if state is not None:
             state.q = q
         return Payload("powersgd", shape, x.dtype, [p.contiguous(), q.contiguous()], {"raw": 0})
@@ -358,7 +362,7 @@ def decode(payload: Payload) -> torch.Tensor:
 
 
 def get_codec(name: str, *, ratio: float = 0.01, rank: int = 2, chunk: int = 1024,
-              rounding: str = "nearest", vectors: str = "fp32") -> Codec:
+              rounding: str = "nearest", vectors: str = "fp32", iterations: int = 1) -> Codec:
     """A codec by name with its parameters (the ones it does not use are ignored)."""
     if name == "none":
         return Codec()
@@ -369,7 +373,7 @@ def get_codec(name: str, *, ratio: float = 0.01, rank: int = 2, chunk: int = 102
     if name == "topk":
         return TopKCodec(ratio)
     if name == "powersgd":
-        return PowerSGDCodec(rank, vectors, chunk, rounding)
+        return PowerSGDCodec(rank, vectors, chunk, rounding, iterations)
     raise ValueError(f"unknown gradient codec {name!r} (one of {', '.join(CODECS)})")
 
 
@@ -377,4 +381,5 @@ def make_codec(comp: Any) -> Codec:
     """The codec a ``[compression]`` config section asks for."""
     return get_codec(comp.gradient, ratio=comp.topk_ratio, rank=comp.powersgd_rank,
                      chunk=comp.int8_chunk, rounding=comp.int8_rounding,
-                     vectors=getattr(comp, "powersgd_vectors", "fp32"))
+                     vectors=getattr(comp, "powersgd_vectors", "fp32"),
+                     iterations=getattr(comp, "powersgd_iterations", 1))

@@ -279,9 +279,48 @@ def powersgd_hook(state: CompressionHookState, bucket):  # no annotations (see c
     return state.all_reduce(second).then(decompress)
 
 
+def per_rank_factors_hook(state: CompressionHookState, bucket):  # no annotations (see codec_hook)
+    """PowerSGD with ``powersgd_exchange = "allgather"``: each rank factorizes its own gradients
+    (its own P, Q and warm start; the PowerSGD codec per tensor, the way a parameter-server
+    worker pushes) and the ranks all-gather their factors, decode and sum.  n ranks then add up
+    to rank n*r instead of one shared rank-r P; it costs (n-1) * S against the all-reduce's
+    2(n-1)/n * S: the same bytes at 2 ranks, n/2 times more beyond."""
+    buf = bucket.buffer()
+    x = buf.div(state.world)
+    key = bucket_key(bucket)
+    adopt_state(state, key, bucket)
+    comp = state.compressor
+    state.step_compressed = comp.active
+    if not comp.active:
+        return _plain(state, x, key)
+    payloads, off = [], 0
+    for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
+        # states keyed by parameter: they survive DDP's bucket rebuild as they are
+        payloads.append(comp.encode(("param", p.data_ptr()), x[off:off + g.numel()].view(g.shape)))
+        off += g.numel()
+    tensors = [t for pl in payloads for t in pl.tensors]
+    state.payload_bytes += sum(pl.nbytes for pl in payloads)
+    gathered, fut = state.all_gather(pack(tensors))
+
+    def decode_sum(_: torch.futures.Future) -> torch.Tensor:
+        out = torch.zeros_like(buf)
+        for g in gathered:  # every rank's payloads have this rank's layout (shapes fix their sizes)
+            theirs, pos, off = unpack(g, tensors), 0, 0
+            for pl in payloads:
+                k = len(pl.tensors)
+                mine = Payload(pl.codec, pl.shape, pl.dtype, theirs[pos:pos + k], pl.info)
+                out[off:off + pl.numel] += decode(mine).reshape(-1)
+                pos, off = pos + k, off + pl.numel
+        return buf.copy_(out)
+
+    return fut.then(decode_sum)
+
+
 def register_compression_hook(ddp: DDP, strategy: Any) -> CompressionHookState:
     """Register the hook for ``strategy.cfg.compression.gradient`` on ``ddp``; return its state."""
     state = CompressionHookState(strategy)
-    hook = powersgd_hook if state.compressor.name == "powersgd" else codec_hook
+    hook = codec_hook
+    if state.compressor.name == "powersgd":
+        hook = per_rank_factors_hook if state.cfg.powersgd_exchange == "allgather" else powersgd_hook
     ddp.register_comm_hook(state, hook)
     return state
