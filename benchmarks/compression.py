@@ -2,7 +2,8 @@
 
 Trains the default GPT for a fixed number of steps with 2 workers, once uncompressed (fp32)
 and once per codec (plus top-k without error feedback, with ``--warmup-steps N`` top-k
-with a warm-up of N steps, and with ``--onebit`` AdamW replaced by 1-bit Adam), on each
+with a warm-up of N steps, PowerSGD with int8 vectors and then also with each rank's own
+factors and 2 power iterations, and with ``--onebit`` AdamW replaced by 1-bit Adam), on each
 path, side by side in one run.  Prints JSON: per run the bytes per step, final val loss
 and median step time, and each relative to the fp32 run of the same path.
 
@@ -107,6 +108,11 @@ def main() -> int:
     variants = [("fp32", ["--compression.gradient=none"], 0)]
     for c in filter(None, args.codecs.split(",")):
         variants.append((c, [f"--compression.gradient={c}"], 0))
+        if c == "powersgd":  # the PowerSGD options (docs/compression.md), each added to the last
+            int8v = ["--compression.gradient=powersgd", "--compression.powersgd_vectors=int8"]
+            variants.append(("powersgd-int8v", int8v, 0))
+            variants.append(("powersgd-perrank", [*int8v, "--compression.powersgd_exchange=allgather",
+                                                  "--compression.powersgd_iterations=2"], 0))
         if c == "topk":
             variants.append(("topk-no-ef", ["--compression.gradient=topk", "--compression.error_feedback=false"], 0))
             if args.warmup_steps:
