@@ -158,7 +158,6 @@ def variants(run: Path, out: Path, args: argparse.Namespace) -> dict:
     return report
 
 
-@torch.inference_mode()
 class _NoFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
@@ -175,6 +174,7 @@ def ffn_share(model: nn.Module, inputs: dict, repeats: int = 20) -> dict:
     return {"fp32_ffn_share": round(f, 3), "ffn50_amdahl_bound_speedup": round(1 / (1 - f / 2), 2)}
 
 
+@torch.inference_mode()
 def linear_share(models: dict, inputs: dict, runs: int = 3) -> dict:
     """Where the time goes (torch profiler, one thread): the share of each model's forward spent
     in its Linear layers, and how much faster the int8 Linears are than the fp32 ones. With
