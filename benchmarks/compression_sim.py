@@ -8,7 +8,9 @@ feedback + warm-up, one state per parameter, as the hooks keep one per bucket se
 and the decoded payloads are summed into the gradient the optimizer sees (clipped, then
 AdamW / SGD and the LR schedule exactly as the trainer does).  With dropout 0 it
 reproduces the 2-process hook path up to float summation order, so a gap between the two
-points at the plumbing and a gap between variants here points at the algorithm.
+points at the plumbing and a gap between variants here points at the algorithm.  PowerSGD is
+replayed per rank (each rank its own P, Q): that is ``powersgd_exchange = "allgather"`` and the
+PS path, not the default shared all-reduce of P and Q.
 
     python benchmarks/compression_sim.py --steps 100 \
         --variant fp32:gradient=none --variant topk:gradient=topk \
