@@ -296,3 +296,53 @@ def test_onebit_adam_sends_a_bit_per_parameter() -> None:
 
     lays = list(layouts(model, 8, Setup(8, optimizer="onebit_adam"), hw))
     assert lays and all((x.tp, x.pp, x.zero, x.sync) == (1, 1, 0, "allreduce") for x in lays)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "seq2seq", "bert"])
+def test_codec_bytes_match_the_models_tensors(arch: str) -> None:
+    """The planner's compressed-exchange bytes, from the shape alone, against the hooks' own formulas
+    over the real model's tensors (tests/test_compression_ddp.py checks those against the wire)."""
+    pytest.importorskip("torch")
+    import dataclasses
+    import math
+
+    from paratrain.compression.codecs import matrix_shape, powersgd_applies
+    from paratrain.models import build_model
+    from paratrain.planner import codecs
+
+    mc = ModelConfig(arch=arch, n_layer=2, n_head=2, d_model=32, d_ff=80, max_seq_len=24)
+    cfg = Config.default()
+    cfg.model, cfg.data.seq_len = mc, 20
+    spec = flops.spec_from_config(cfg)
+    params = [p for p in build_model(mc, flops.BYTE_VOCAB, 0).parameters()]
+    assert sorted(tuple(p.shape) for p in params if p.dim() == 2) == sorted(spec.matrices())
+    comp = dataclasses.replace(cfg.compression, gradient="powersgd", powersgd_rank=4)
+    factors = sum(min(4, *matrix_shape(tuple(p.shape))) * sum(matrix_shape(tuple(p.shape)))
+                  for p in params if powersgd_applies(tuple(p.shape), 4))
+    vectors = sum(p.numel() for p in params if not powersgd_applies(tuple(p.shape), 4))
+    assert codecs.wire_bytes(spec, comp, 2) == 4 * (factors + vectors)  # shared exchange, one bucket
+    int8v = dataclasses.replace(comp, powersgd_vectors="int8")
+    assert codecs.wire_bytes(spec, int8v, 2) == 4 * factors + vectors + 4 * math.ceil(vectors / 1024)
+    assert codecs.wire_bytes(spec, int8v, 4) == 1.5 * 4 * factors + 3 * (vectors + 4 * math.ceil(vectors / 1024))
+    n = sum(p.numel() for p in params)
+    topk = dataclasses.replace(comp, gradient="topk")
+    exact = 8 * sum(math.ceil(0.01 * p.numel()) for p in params)  # the hooks round up per tensor
+    assert 0.9 * exact < codecs.wire_bytes(spec, topk, 2) <= exact
+    assert codecs.wire_bytes(spec, dataclasses.replace(comp, gradient="int8"), 3) == 2 * (n + 4 * math.ceil(n / 1024))
+    assert codecs.wire_bytes(spec, dataclasses.replace(comp, gradient="none"), 2) == 4 * n
+
+
+def test_compressed_exchange_in_the_step_time_and_search() -> None:
+    import dataclasses
+
+    from paratrain.planner.search import layouts
+
+    hw = GPU_SPECS["h100"].with_(overlap=False, intra_latency=0.0, inter_latency=0.0)
+    model, lay = _gpt(), Layout(dp=8, microbatch=1)
+    comp = dataclasses.replace(Config.default().compression, gradient="int8")
+    dense = estimate(model, lay, Setup(8, precision="fp32"), hw).time_parts["dp_comm"]
+    int8 = estimate(model, lay, Setup(8, precision="fp32", compression=comp), hw).time_parts["dp_comm"]
+    # fp32 ring all-reduce 2 (n-1)/n * 4 bytes vs int8 all-gather (n-1) * (1 + 4/1024) bytes
+    assert dense / int8 == pytest.approx((2 * 7 / 8 * 4) / (7 * (1 + 4 / 1024)), rel=1e-3)
+    lays = list(layouts(model, 8, Setup(8, compression=comp), hw))
+    assert lays and all(x.tp == x.pp == 1 and x.zero <= 1 for x in lays)

@@ -149,7 +149,8 @@ def plan(args: argparse.Namespace) -> tuple[SearchResult, HardwareSpec]:
     # config itself trains asynchronously through one
     ps_mode = cfg.ps.mode if cfg is not None and cfg.parallel.sync == "ps" else "sync"
     setup = Setup(batch, precision, optimizer, flash=not args.no_flash, ps_mode=ps_mode,
-                  bucket_bytes=(cfg.parallel.bucket_cap_mb * 2**20 if cfg is not None else 25 * 2**20))
+                  bucket_bytes=(cfg.parallel.bucket_cap_mb * 2**20 if cfg is not None else 25 * 2**20),
+                  compression=cfg.compression if cfg is not None else None)
     hw = resolve_hardware(args, cfg, n)
     return search(spec, n, setup, hw, fixed), hw
 
@@ -173,8 +174,9 @@ def main(args: argparse.Namespace) -> int:
     m = res.model
     print(f"model: {m.name} ({m.arch}, {m.params / 1e9:.3g}B params, {m.total_layers} layers, "
           f"h={m.d_model}, heads={m.n_head}, seq={m.seq}, vocab={m.vocab})")
+    codec = f", gradients sent as {res.setup.codec}" if res.setup.codec != "none" else ""
     print(f"cluster: {res.n_devices} x {describe(hw)}; global batch {res.setup.global_batch} sequences, "
-          f"{res.setup.precision}")
+          f"{res.setup.precision}{codec}")
     print(f"evaluated {len(res.candidates)} layouts, {sum(c.fits for c in res.candidates)} fit")
     for note in res.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -15,7 +15,8 @@ Per step (``m = B / (dp b)`` micro-batches of ``b`` sequences, ``p`` stages, ``v
 * PP: one activation and one gradient message per micro-batch on the critical path;
 * DP: ring all-reduce ``2 (n-1)/n * grad bytes / bw`` overlapped with the last backward
   (all but one bucket) where the device overlaps; ZeRO-1/2 move the same volume, ZeRO-3
-  all-gathers parameters in forward and backward: 1.5x;
+  all-gathers parameters in forward and backward: 1.5x; a gradient codec replaces the
+  all-reduce by its own exchange (planner/codecs.py; encode/decode compute not modelled);
 * parameter server: each worker pushes gradients and pulls parameters; each of ``S``
   servers moves ``W/S`` of everybody's bytes;
 * optimizer: a memory-bound pass over the parameters this rank updates;
@@ -32,6 +33,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from paratrain.planner import codecs
 from paratrain.planner import memory as mem
 from paratrain.planner.flops import ModelSpec
 from paratrain.planner.hardware import HardwareSpec
@@ -86,6 +88,11 @@ class Setup:
     ps_mode: str = "sync"  # sync | async | ssp (async/ssp hide pushes behind compute)
     loss_parallel: bool = True  # TP keeps the logits split over the vocabulary
     tp_allreduces: int = 4  # per layer per micro-batch: Megatron's fused QKV; 6 with separate q/k/v modules
+    compression: Any = None  # a [compression] section: gradient codec of the DP exchange / PS push
+
+    @property
+    def codec(self) -> str:
+        return self.compression.gradient if self.compression is not None else "none"
 
     @property
     def elem_bytes(self) -> int:
@@ -259,8 +266,9 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
     window = t_mb_compute * 2 / 3  # backward of the last micro-batch
     if lay.sync == "ps":
         workers, servers = lay.world, max(1, lay.ps_servers)
-        nbytes = 4 * psi  # fp32 push + pull
-        t_ps = max(2 * nbytes / dp_bw, 2 * workers * nbytes / (servers * dp_bw)) + 4 * dp_lat
+        # push (fp32, or the codec's payload) + fp32 pull
+        nbytes = 4 * psi + (codecs.payload_bytes(model, setup.compression) if setup.codec != "none" else 4 * psi)
+        t_ps = max(nbytes / dp_bw, workers * nbytes / (servers * dp_bw)) + 4 * dp_lat
         ps_comm = t_ps if setup.ps_mode == "sync" else overlapped(t_ps, m * t_mb_compute, 0.0, True)
     elif d > 1:
         t_ar = allreduce_time(grad_bytes, d, dp_bw, dp_lat)
@@ -283,6 +291,9 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
             # after backward (no overlap); its log2(steps) variance all-reduces are left out
             dp_comm = (d - 1) * (psi / 8 / dp_bw + dp_lat)
         else:
+            if setup.codec != "none":  # compressed by the DDP hooks (plain DP: tp = pp = 1)
+                comp = setup.compression
+                t_ar = codecs.wire_bytes(model, comp, d) / dp_bw + codecs.collective_hops(comp, d) * dp_lat
             buckets = max(1, math.ceil(grad_bytes / setup.bucket_bytes))
             dp_comm = overlapped(t_ar, window, t_ar / buckets, hw.overlap)
     # optimizer: fp32 Adam reads p, g, m, v and writes p, m, v (28 B/param); mixed adds the master copy

@@ -106,6 +106,19 @@ class ModelSpec:
         norms = 4 + (2 if decoder else 0)
         return linears + (0 if tp_only else norms)
 
+    def matrices(self) -> list[tuple[int, int]]:
+        """(rows, cols) of every weight matrix, tied ones once (what PowerSGD factors)."""
+        h, f = self.d_model, self.ff
+        layer = [(h, h)] * 4 + [(f, h), (h, f)]
+        out = layer * self.n_layer + (layer + [(h, h)] * 4) * self.n_dec + [(self.vocab, h)]
+        if self.arch in ("gpt", "bert"):
+            out.append((self.pos, h))
+        if not self.tied:
+            out.append((self.vocab, h))
+        if self.arch == "bert":
+            out.append((h, h))
+        return out
+
     @property
     def params(self) -> int:
         """Exact parameter count of paratrain's model of this shape (tied weights counted once)."""

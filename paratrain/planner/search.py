@@ -66,6 +66,8 @@ def layouts(model: ModelSpec, n: int, setup: Setup, hw: HardwareSpec,
     fx = {k: v for k, v in (fixed or {}).items() if v is not None}
     if setup.optimizer == "onebit_adam":  # 1-bit Adam runs on plain all-reduce data parallel only
         fx = {"tp": 1, "pp": 1, "zero": 0, "sync": "allreduce", **fx}
+    if setup.codec != "none":  # the DDP hooks compress plain data parallel (ZeRO-1 at most) and PS pushes
+        fx = {"tp": 1, "pp": 1, **fx}
     B = setup.global_batch
     ok = lambda key, val: key not in fx or fx[key] == val  # noqa: E731
     recomputes = ["none", "full"] if setup.flash else ["none", "selective", "full"]
@@ -85,7 +87,7 @@ def layouts(model: ModelSpec, n: int, setup: Setup, hw: HardwareSpec,
             for b in mbs:
                 m = per_replica // b
                 zeros = [0, 1, 2, 3] if dp > 1 else [0]
-                if pp > 1 and "zero" not in fx:
+                if (pp > 1 or setup.codec != "none") and "zero" not in fx:
                     zeros = [z for z in zeros if z <= 1]
                 for zero in zeros:
                     if not ok("zero", zero):
