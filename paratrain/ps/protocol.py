@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 MAGIC = b"PT"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: 16-byte key and 12-byte frame records
 MAC_SIZE = 32
 CONTROL_ID = 0xFFFFFFFF  # worker id of the launcher's control client
 MAX_META_BYTES = 1 << 20
@@ -71,8 +71,9 @@ class Flag(enum.IntFlag):
 # magic, version, type, worker, incarnation, seq, clock, version, key_start, key_count,
 # dtype, codec, flags, nframes, length, f0, f1, f2
 HEADER = struct.Struct("<2sBBIIIqqIIBBHIQddd")
-KEYREC = struct.Struct("<IBBBxqq")  # key id, codec, tensors, flags, info0, info1
-FRAMEREC = struct.Struct("<BB6xqq")  # dtype, ndim, d0, d1
+# 16 and 12 bytes: with compressed pushes the table is a few percent of the message
+KEYREC = struct.Struct("<IBBBxii")  # key id, codec, tensors, flags, info0, info1
+FRAMEREC = struct.Struct("<BBxxII")  # dtype, ndim, d0, d1
 DESC_HEAD = struct.Struct("<II")  # number of key records, number of frame records
 KEY_SPARSE = 1  # key record flag: frames are [row indices (int64), rows]
 KEY_PACKED = 2  # key record flag: no frame of its own; its values are the next ones in the pack frame
