@@ -237,7 +237,7 @@ def powersgd_hook(state: CompressionHookState, bucket):  # no annotations (see c
     state.all_reduce(first).wait()
     if int8 is not None:  # issued first on the same group, so already complete
         gfut.wait()
-        mine = decode(vpay)
+        sent = decode(vpay)  # what the others decode from this rank (error feedback keeps the rest)
         vsum = sum(decode(Payload("int8", vpay.shape, vpay.dtype, unpack(g, vpay.tensors), vpay.info))
                    for g in gathered)
     ps, pos = [], 0
@@ -251,7 +251,7 @@ def powersgd_hook(state: CompressionHookState, bucket):  # no annotations (see c
             residual[o:o + n * m] -= (p @ q.t()).reshape(-1)
         vpos = 0
         for o, k in raw:
-            residual[o:o + k] = vec[vpos:vpos + k] - mine[vpos:vpos + k] if int8 is not None else 0
+            residual[o:o + k] = vec[vpos:vpos + k] - sent[vpos:vpos + k] if int8 is not None else 0
             vpos += k
         st.residual = residual
     second = torch.cat([q.reshape(-1) for q in q_local]) if q_local else x[:0]
@@ -308,8 +308,8 @@ def per_rank_factors_hook(state: CompressionHookState, bucket):  # no annotation
             theirs, pos, off = unpack(g, tensors), 0, 0
             for pl in payloads:
                 k = len(pl.tensors)
-                mine = Payload(pl.codec, pl.shape, pl.dtype, theirs[pos:pos + k], pl.info)
-                out[off:off + pl.numel] += decode(mine).reshape(-1)
+                got = Payload(pl.codec, pl.shape, pl.dtype, theirs[pos:pos + k], pl.info)
+                out[off:off + pl.numel] += decode(got).reshape(-1)
                 pos, off = pos + k, off + pl.numel
         return buf.copy_(out)
 
