@@ -106,7 +106,8 @@ def quantize_dynamic_int8(model: nn.Module, inplace: bool = False, engine_name: 
 
     ``fuse``: first fuse each self-attention's q/k/v into one Linear. The three share their input,
     so the fused int8 layer gives the same numbers (one activation scale, per-row weight scales)
-    while quantizing the input once and running one larger matmul (~1.7x faster at d 128).
+    while quantizing the input once and running one wider matmul (at d 128 with oneDNN: 0.9 ms
+    against 3 x 0.62 ms for the three).
     """
     from torch.ao.quantization import quantize_dynamic
 
