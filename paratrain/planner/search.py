@@ -54,7 +54,8 @@ class SearchResult:
                           "layers": self.model.total_layers, "hidden": self.model.d_model,
                           "heads": self.model.n_head, "seq": self.model.seq, "vocab": self.model.vocab},
                 "cluster": {"gpus": self.n_devices, "gpu_type": self.hw.name,
-                            "global_batch": self.setup.global_batch, "precision": self.setup.precision},
+                            "global_batch": self.setup.global_batch, "precision": self.setup.precision,
+                            "gradient_codec": self.setup.codec},
                 "explanation": explain(self), "evaluated": len(self.candidates),
                 "fitting": sum(c.fits for c in self.candidates)}
 
