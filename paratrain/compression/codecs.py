@@ -224,6 +224,20 @@ class TopKCodec(Codec):
         return Payload("topk", tuple(x.shape), x.dtype, [flat[idx].contiguous(), idx.to(torch.int32)])
 
 
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A flat bool tensor as bytes, eight elements to a byte (element i: bit i % 8), zero-padded."""
+    bits = torch.nn.functional.pad(mask.reshape(-1).to(torch.uint8), (0, -mask.numel() % 8))
+    return (bits.view(-1, 8) * _BITS.to(mask.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` elements of the bool tensor :func:`pack_bits` packed."""
+    return (packed[:, None] & _BITS.to(packed.device)).ne(0).view(-1)[:n]
+
+
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """The 2-D view PowerSGD compresses: first dimension x the rest."""
     return shape[0], math.prod(shape[1:])

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import paratrain.compression.quantization as Q
+from paratrain.compression.codecs import pack_bits, unpack_bits
 from paratrain.config import ConfigError, ModelConfig
 from paratrain.models import build_model
 from paratrain.models.blocks import MultiHeadAttention
@@ -105,9 +106,6 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 # ---- sparse packing --------------------------------------------------------------------------
 
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
 def _pack(t: Tensor) -> tuple[Tensor, Tensor] | None:
     """(mask bits, non-zero values) when that is smaller than the dense tensor, else None."""
     if t.dim() < 2:
@@ -117,15 +115,14 @@ def _pack(t: Tensor) -> tuple[Tensor, Tensor] | None:
     nnz = int(nz.sum())
     if nnz * t.element_size() + (flat.numel() + 7) // 8 > 0.9 * flat.numel() * t.element_size():
         return None
-    bits = torch.cat([nz, nz.new_zeros((-flat.numel()) % 8)]).view(-1, 8).to(torch.uint8)
-    return (bits * _BITS).sum(1, dtype=torch.uint8), flat[nz].contiguous()
+    return pack_bits(nz), flat[nz].contiguous()
 
 
 def _unpack(bits: Tensor, values: Tensor, shape: list[int]) -> Tensor:
     n = 1
     for s in shape:
         n *= s
-    nz = ((bits[:, None] & _BITS) != 0).flatten()[:n]
+    nz = unpack_bits(bits, n)
     out = torch.zeros(n, dtype=values.dtype)
     out[nz] = values
     return out.view(shape)

@@ -163,24 +163,37 @@ def _plain(state: CompressionHookState, x: torch.Tensor, key: tuple) -> torch.fu
     return state.all_reduce(wire).then(lambda f: f.value()[0])
 
 
-def codec_hook(state: CompressionHookState, bucket):  # no annotations: DDP compares them to real types
-    """fp16 / bf16 / int8 / top-k hook: encode the averaged bucket, exchange, decode."""
+def _open_bucket(state: CompressionHookState, bucket) -> tuple[torch.Tensor, torch.Tensor, tuple,
+                                                                torch.futures.Future | None]:
+    """What every hook starts with: (the bucket's buffer, its average share ``buffer / world``,
+    its state key, and the future of the uncompressed all-reduce when this step is not compressed
+    (safeguard fallback, warm-up) or None)."""
     buf = bucket.buffer()
     x = buf.div(state.world)
     key = bucket_key(bucket)
     adopt_state(state, key, bucket)
+    state.step_compressed = state.compressor.active
+    return buf, x, key, None if state.step_compressed else _plain(state, x, key)
+
+
+def _like(payload: Payload, tensors: list[torch.Tensor]) -> Payload:
+    """``payload``'s codec, shape and parameters around another rank's tensors."""
+    return Payload(payload.codec, payload.shape, payload.dtype, tensors, payload.info)
+
+
+def codec_hook(state: CompressionHookState, bucket):  # no annotations: DDP compares them to real types
+    """fp16 / bf16 / int8 / top-k hook: encode the averaged bucket, exchange, decode."""
+    buf, x, key, plain = _open_bucket(state, bucket)
+    if plain is not None:
+        return plain
     comp = state.compressor
-    state.step_compressed = comp.active
-    if not comp.active:
-        return _plain(state, x, key)
     payload = comp.encode(key, x, segments=[g.numel() for g in bucket.gradients()])
     state.payload_bytes += payload.nbytes
     if payload.codec in ("fp16", "bf16"):
         wire = payload.tensors[0]
 
         def cast_back(fut: torch.futures.Future) -> torch.Tensor:
-            summed = Payload(payload.codec, payload.shape, payload.dtype, [fut.value()[0]])
-            return buf.copy_(decode(summed))
+            return buf.copy_(decode(_like(payload, [fut.value()[0]])))
 
         return state.all_reduce(wire).then(cast_back)
     gathered, fut = state.all_gather(pack(payload.tensors))
@@ -188,8 +201,7 @@ def codec_hook(state: CompressionHookState, bucket):  # no annotations: DDP comp
     def decode_sum(_: torch.futures.Future) -> torch.Tensor:
         out = torch.zeros_like(buf)
         for g in gathered:
-            p = Payload(payload.codec, payload.shape, payload.dtype, unpack(g, payload.tensors), payload.info)
-            out += decode(p)
+            out += decode(_like(payload, unpack(g, payload.tensors)))
         return buf.copy_(out)
 
     return fut.then(decode_sum)
@@ -197,14 +209,10 @@ def codec_hook(state: CompressionHookState, bucket):  # no annotations: DDP comp
 
 def powersgd_hook(state: CompressionHookState, bucket):  # no annotations (see codec_hook)
     """PowerSGD over the bucket's matrices: two all-reduces (P, then Q) per bucket."""
-    buf = bucket.buffer()
-    key = bucket_key(bucket)
-    adopt_state(state, key, bucket)
+    buf, x, key, plain = _open_bucket(state, bucket)
+    if plain is not None:
+        return plain
     comp = state.compressor
-    state.step_compressed = comp.active
-    x = buf.div(state.world)
-    if not comp.active:
-        return _plain(state, x, key)
     st = comp.state(key)
     ef = st.error_feedback
     if ef and st.residual is not None and st.residual.shape == x.shape:
@@ -237,9 +245,7 @@ def powersgd_hook(state: CompressionHookState, bucket):  # no annotations (see c
     state.all_reduce(first).wait()
     if int8 is not None:  # issued first on the same group, so already complete
         gfut.wait()
-        sent = decode(vpay)  # what the others decode from this rank (error feedback keeps the rest)
-        vsum = sum(decode(Payload("int8", vpay.shape, vpay.dtype, unpack(g, vpay.tensors), vpay.info))
-                   for g in gathered)
+        vsum = sum(decode(_like(vpay, unpack(g, vpay.tensors))) for g in gathered)
     ps, pos = [], 0
     for _, n, _, r in mats:
         ps.append(orthonormalize(first[pos:pos + n * r].view(n, r)))
@@ -249,9 +255,11 @@ def powersgd_hook(state: CompressionHookState, bucket):  # no annotations (see c
         residual = x.clone()
         for (o, n, m, _), p, q in zip(mats, ps, q_local, strict=True):
             residual[o:o + n * m] -= (p @ q.t()).reshape(-1)
+        # the vectors' residual: what the others decode from this rank misses (raw: nothing)
+        lost = vec - decode(vpay) if int8 is not None else None
         vpos = 0
         for o, k in raw:
-            residual[o:o + k] = vec[vpos:vpos + k] - sent[vpos:vpos + k] if int8 is not None else 0
+            residual[o:o + k] = lost[vpos:vpos + k] if lost is not None else 0
             vpos += k
         st.residual = residual
     second = torch.cat([q.reshape(-1) for q in q_local]) if q_local else x[:0]
@@ -285,14 +293,10 @@ def per_rank_factors_hook(state: CompressionHookState, bucket):  # no annotation
     worker pushes) and the ranks all-gather their factors, decode and sum.  n ranks then add up
     to rank n*r instead of one shared rank-r P; it costs (n-1) * S against the all-reduce's
     2(n-1)/n * S: the same bytes at 2 ranks, n/2 times more beyond."""
-    buf = bucket.buffer()
-    x = buf.div(state.world)
-    key = bucket_key(bucket)
-    adopt_state(state, key, bucket)
+    buf, x, _, plain = _open_bucket(state, bucket)
+    if plain is not None:
+        return plain
     comp = state.compressor
-    state.step_compressed = comp.active
-    if not comp.active:
-        return _plain(state, x, key)
     payloads, off = [], 0
     for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
         # states keyed by parameter: they survive DDP's bucket rebuild as they are
@@ -308,8 +312,7 @@ def per_rank_factors_hook(state: CompressionHookState, bucket):  # no annotation
             theirs, pos, off = unpack(g, tensors), 0, 0
             for pl in payloads:
                 k = len(pl.tensors)
-                got = Payload(pl.codec, pl.shape, pl.dtype, theirs[pos:pos + k], pl.info)
-                out[off:off + pl.numel] += decode(got).reshape(-1)
+                out[off:off + pl.numel] += decode(_like(pl, theirs[pos:pos + k])).reshape(-1)
                 pos, off = pos + k, off + pl.numel
         return buf.copy_(out)
 

@@ -37,24 +37,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from paratrain.compression.codecs import pack_bits, unpack_bits
 from paratrain.compression.frozen_adam import run_closure
 from paratrain.compression.hooks import allgather_bytes
 from paratrain.parallel.data_parallel import ring_allreduce_bytes
 
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """One bit per element of the flat ``x`` (1: ``x >= 0``), eight to a byte, zero-padded."""
-    bits = (x >= 0).to(torch.uint8)
-    bits = torch.nn.functional.pad(bits, (0, -bits.numel() % 8))
-    return (bits.view(-1, 8) * _BITS.to(x.device)).sum(1, dtype=torch.uint8)
+    return pack_bits(x >= 0)
 
 
 def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The ±1.0 float vector of length ``n`` that :func:`pack_signs` encoded."""
-    bits = (packed[:, None] & _BITS.to(packed.device)).ne(0).view(-1)[:n]
-    return bits.float().mul_(2).sub_(1)
+    return unpack_bits(packed, n).float().mul_(2).sub_(1)
 
 
 def is_sync_step(t: int) -> bool:

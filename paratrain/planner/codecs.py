@@ -65,12 +65,10 @@ def wire_bytes(spec: ModelSpec, comp: Any, d: int) -> float:
     ring, gather = 2 * (d - 1) / d, d - 1
     if c in ("none", "fp16", "bf16"):
         return ring * payload_bytes(spec, comp)
-    if c in ("int8", "topk"):
+    if c in ("int8", "topk") or comp.powersgd_exchange == "allgather":
         return gather * payload_bytes(spec, comp)
-    factors, factored = powersgd_split(spec, comp.powersgd_rank)
+    factors, factored = powersgd_split(spec, comp.powersgd_rank)  # shared exchange: P, Q all-reduced
     vectors = spec.params - factored
-    if comp.powersgd_exchange == "allgather":
-        return gather * payload_bytes(spec, comp)
     if comp.powersgd_vectors == "int8":
         return ring * 4 * factors + gather * _int8(vectors, comp.int8_chunk)
     return ring * 4 * (factors + vectors)
