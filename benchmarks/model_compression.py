@@ -96,15 +96,14 @@ def variants(run: Path, out: Path, args: argparse.Namespace) -> dict:
     engine, engine_ms = fastest_engine(original, R.latency_inputs(val[0], 16), threads=1)
     log(f"int8 engine: {engine} ({engine_ms})")
 
-    def int8(model, name=engine):
-        return Q.quantize_embeddings_int8(Q.quantize_dynamic_int8(model, engine_name=name))
+    def int8(model, name=engine, fuse=True):
+        return Q.quantize_embeddings_int8(Q.quantize_dynamic_int8(model, engine_name=name, fuse=fuse))
 
     stages.append(("int8", int8(original), {"engine": engine}))
     for other in sorted(set(engine_ms) - {engine}):
         stages.append((f"int8-{other}", int8(original, other), {"engine": other}))
     # what the q/k/v fusion int8 applies is worth by itself: int8 without it, fp32 with it
-    stages.append(("int8-unfused", Q.quantize_embeddings_int8(
-        Q.quantize_dynamic_int8(original, engine_name=engine, fuse=False)), {"engine": engine}))
+    stages.append(("int8-unfused", int8(original, fuse=False), {"engine": engine}))
     stages.append(("fp32-fused-qkv", Q.fuse_qkv(copy.deepcopy(original)), {}))
     stages.append(("int8-static", Q.quantize_static_int8(original, calib), {}))
     stages.append(("int8-weight", Q.quantize_embeddings_int8(Q.quantize_weight_only(original, 8)), {}))
