@@ -60,9 +60,9 @@ def codec_cost(codecs: list[str], topk_ratio: float, repeats: int = 5) -> dict:
     """Milliseconds to encode (with error feedback) + decode every gradient of the default GPT, 1 thread."""
     import torch
 
-    from paratrain.compression import get_codec
     from paratrain.config import Config
     from paratrain.data.tokenizer import ByteTokenizer
+    from paratrain.grad_compression import get_codec
     from paratrain.models import build_model
 
     torch.set_num_threads(1)

@@ -64,15 +64,15 @@ def parse_variant(text: str) -> tuple[str, list[str], dict]:
 
 
 def simulate(cfg, workers: int, eval_batches: int, tune: dict | None = None) -> dict:
-    from paratrain.compression.codecs import decode
-    from paratrain.compression.compressor import GradientCompressor
-    from paratrain.compression.hooks import allgather_bytes
     from paratrain.data import build_data, val_batches
+    from paratrain.grad_compression.codecs import decode
+    from paratrain.grad_compression.compressor import GradientCompressor
+    from paratrain.grad_compression.hooks import allgather_bytes
     from paratrain.models import build_model
     from paratrain.parallel.data_parallel import ring_allreduce_bytes
     from paratrain.parallel.strategy import make_optimizer
-    from paratrain.train.loss import eval_stats, lm_loss_sum
-    from paratrain.train.trainer import lr_lambda
+    from paratrain.training.loss import eval_stats, lm_loss_sum
+    from paratrain.training.trainer import lr_lambda
 
     tune = tune or {}
     data = [build_data(cfg, r, workers) for r in range(workers)]
@@ -86,7 +86,7 @@ def simulate(cfg, workers: int, eval_batches: int, tune: dict | None = None) -> 
         syncs.add(v_sync)
         v_sync *= 2
     if freeze:
-        from paratrain.compression.frozen_adam import FrozenVarianceAdamW
+        from frozen_adam import FrozenVarianceAdamW
         d = opt.defaults
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
         opt = FrozenVarianceAdamW(groups,

@@ -73,7 +73,7 @@ def codecs_on_device() -> dict[str, Any]:
     """Every gradient codec on a CUDA tensor: payload on the GPU, error feedback exact
     (decoded + residual == input), and the GPU decode equal to the CPU one where the codec
     is deterministic (stochastic rounding and PowerSGD's random start use per-device RNGs)."""
-    from paratrain.compression.codecs import get_codec
+    from paratrain.grad_compression.codecs import get_codec
 
     out: dict[str, Any] = {}
     x_cpu = torch.randn(1000, 257, generator=torch.Generator().manual_seed(0))
@@ -139,7 +139,7 @@ def fwd_bwd_ms(cfg: Config, repeats: int = 10) -> float:
     """Median forward + backward (bf16 autocast) of the config's model on one batch, in ms."""
     from paratrain.data import build_data
     from paratrain.models import build_model
-    from paratrain.train.loss import lm_loss_sum
+    from paratrain.training.loss import lm_loss_sum
 
     data = build_data(cfg, 0, 1)
     model = build_model(cfg.model, data.vocab_size, data.pad_id).cuda()

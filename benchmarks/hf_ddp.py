@@ -30,7 +30,7 @@ from benchmarks.trainer_overhead import finish, free_port, interleaved_times, jo
 from paratrain.config import Config  # noqa: E402
 from paratrain.data import build_data, cached_corpus  # noqa: E402
 from paratrain.parallel import ParallelDims  # noqa: E402
-from paratrain.train.trainer import Trainer, lr_lambda  # noqa: E402
+from paratrain.training.trainer import Trainer, lr_lambda  # noqa: E402
 
 SEQ, BATCH = 128, 8
 

@@ -49,7 +49,7 @@ def activation_prediction_fp32(s: int, b: int, h: int, a: int, mode: str) -> flo
 
 def zero_bench(layers: int, steps: int) -> dict:
     from paratrain.config import Config
-    from paratrain.train.launch import launch
+    from paratrain.training.launch import launch
 
     os.environ.update(MALLOC)
     d, heads, seq, batch = 512, 8, 64, 2
@@ -101,8 +101,8 @@ def _held_after_forward(n_layer: int, mode: str, math_attn: bool, s: int, b: int
 
     from paratrain.config import ModelConfig
     from paratrain.models import build_model
-    from paratrain.parallel.memory import apply_activation_checkpointing
-    from paratrain.train.loss import token_loss_sum
+    from paratrain.parallel.memory_policy import apply_activation_checkpointing
+    from paratrain.training.loss import token_loss_sum
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=n_layer, n_head=a, d_model=h, d_ff=4 * h, max_seq_len=s, tie_embeddings=False)

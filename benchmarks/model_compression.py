@@ -32,20 +32,20 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import paratrain.compression.distill as D  # noqa: E402
-import paratrain.compression.pruning as P  # noqa: E402
-import paratrain.compression.quantization as Q  # noqa: E402
-import paratrain.compression.report as R  # noqa: E402
-from paratrain.compression.pipeline import (  # noqa: E402
+import paratrain.model_compression.distill as D  # noqa: E402
+import paratrain.model_compression.pruning as P  # noqa: E402
+import paratrain.model_compression.quantization as Q  # noqa: E402
+import paratrain.model_compression.report as R  # noqa: E402
+from paratrain.config import Config  # noqa: E402
+from paratrain.data import build_data, val_batches  # noqa: E402
+from paratrain.model_compression.recipe import (  # noqa: E402
     CompressOptions,
     fastest_engine,
     load_checkpoint,
     measure_stages,
 )
-from paratrain.config import Config  # noqa: E402
-from paratrain.data import build_data, val_batches  # noqa: E402
-from paratrain.train import checkpoint as ckpt  # noqa: E402
-from paratrain.train.launch import launch  # noqa: E402
+from paratrain.training import checkpoint as ckpt  # noqa: E402
+from paratrain.training.launch import launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -210,7 +210,7 @@ def _distill_worker(rank: int, world: int, gpt_run: str, run_dir: str, port: int
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from paratrain.parallel import ParallelDims
-    from paratrain.train.trainer import Trainer
+    from paratrain.training.trainer import Trainer
 
     cfg, teacher, _ = load_checkpoint(gpt_run)
     student = D.make_student(teacher, max(1, cfg.model.n_layer // 2))

@@ -21,7 +21,7 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from paratrain.config import Config  # noqa: E402
-from paratrain.train.launch import launch  # noqa: E402
+from paratrain.training.launch import launch  # noqa: E402
 
 MODEL = ["--model.n_layer=8", "--model.d_model=256", "--model.n_head=8", "--model.d_ff=1024",
          "--model.max_seq_len=128", "--model.tie_embeddings=false", "--data.seq_len=128"]

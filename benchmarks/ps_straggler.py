@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paratrain.config import Config  # noqa: E402
-from paratrain.train.launch import launch  # noqa: E402
+from paratrain.training.launch import launch  # noqa: E402
 
 MODEL = ["--model.n_layer=2", "--model.d_model=64", "--model.n_head=4", "--model.d_ff=256",
          "--model.max_seq_len=64", "--data.seq_len=64", "--data.batch_size=8", "--train.threads=1",

@@ -33,8 +33,8 @@ from paratrain.config import Config  # noqa: E402
 from paratrain.data import build_data, cached_corpus  # noqa: E402
 from paratrain.models import build_model  # noqa: E402
 from paratrain.parallel import ParallelDims  # noqa: E402
-from paratrain.train.metrics import measure_matmul_flops  # noqa: E402
-from paratrain.train.trainer import Trainer, lr_lambda  # noqa: E402
+from paratrain.training.metrics import measure_matmul_flops  # noqa: E402
+from paratrain.training.trainer import Trainer, lr_lambda  # noqa: E402
 
 
 def free_port() -> int:

@@ -9,11 +9,10 @@ Python API (docs/python-api.md)::
 
 from typing import TYPE_CHECKING, Any
 
-from paratrain import train  # the package paratrain/train/, callable as paratrain.train(config, ...)
 from paratrain.config import Config, ConfigError
 
 if TYPE_CHECKING:
-    from paratrain.api import RunResult, TrainingFailed
+    from paratrain.api import RunResult, TrainingFailed, train
 
 __all__ = ["Config", "ConfigError", "RunResult", "TrainingFailed", "train"]
 __version__ = "0.1.0"
@@ -21,7 +20,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     # the API pulls in torch: import it on first use, so `import paratrain` stays light
-    if name in ("RunResult", "TrainingFailed"):
+    if name in ("RunResult", "TrainingFailed", "train"):
         from paratrain import api
 
         return getattr(api, name)

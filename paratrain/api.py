@@ -63,7 +63,7 @@ class RunResult:
 
     def checkpoint(self, step: int | None = None) -> Path:
         """The directory of checkpoint ``step`` (default: the newest)."""
-        from paratrain.train import checkpoint as ckpt
+        from paratrain.training import checkpoint as ckpt
 
         root = self.run_dir / "checkpoints"
         path = root / f"step_{step}" if step is not None else ckpt.latest(root)
@@ -74,7 +74,7 @@ class RunResult:
     def state_dict(self, step: int | None = None) -> dict[str, torch.Tensor]:
         """The full (unsharded) model state dict saved in a checkpoint; load it with
         ``model.load_state_dict(...)`` into a model built the same way."""
-        from paratrain.train import checkpoint as ckpt
+        from paratrain.training import checkpoint as ckpt
 
         path = self.checkpoint(step)
         ckpt.verify(path)
@@ -145,9 +145,9 @@ def train(config: Config | str | os.PathLike | None = None, *, model: nn.Module 
     Raises :class:`ConfigError` for user errors and :class:`TrainingFailed` when a run breaks.
     """
     from paratrain.parallel.pipeline_foreign import check_split, n_stages
-    from paratrain.train import launch as L
-    from paratrain.train.handoff import IMPORTING_MAIN
-    from paratrain.train.user_model import MeanLoss, check_plans, is_own_spec, own_models
+    from paratrain.training import launch as L
+    from paratrain.training.handoff import IMPORTING_MAIN
+    from paratrain.training.user_model import MeanLoss, check_plans, is_own_spec, own_models
 
     if os.environ.get(IMPORTING_MAIN):
         raise ConfigError(f"paratrain.train() ran while a worker imported {os.environ[IMPORTING_MAIN]}; "
@@ -188,8 +188,8 @@ def train(config: Config | str | os.PathLike | None = None, *, model: nn.Module 
 
 def _spawn(cfg: Config, injected: dict[str, Any], own_data: bool) -> dict[str, Any]:
     """Start the local workers with the injected pieces pickled into a private temp dir."""
-    from paratrain.train import launch as L
-    from paratrain.train.handoff import read_error, save_injected
+    from paratrain.training import launch as L
+    from paratrain.training.handoff import read_error, save_injected
 
     tmp = Path(tempfile.mkdtemp(prefix="paratrain-injected-"))
     try:

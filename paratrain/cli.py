@@ -18,7 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("paratrain.cli", "train a model (locally launches parallel.nproc workers)"),
     "prepare": ("paratrain.cli", "tokenize a corpus into memory-mapped token shards"),
     "plan": ("paratrain.planner.cli", "predict memory, step time and communication; pick the best layout"),
-    "compress": ("paratrain.compression.cli", "prune, quantize and distill a trained checkpoint"),
+    "compress": ("paratrain.model_compression.cli", "prune, quantize and distill a trained checkpoint"),
     "doctor": ("paratrain.doctor", "check this machine's CUDA, cuDNN, NCCL, gloo and network setup"),
     "bench": ("paratrain.bench", "benchmark collectives and parameter-server transport"),
     "report": ("paratrain.report", "write RUN_DIR/report.md with plots"),
@@ -49,7 +49,7 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from paratrain.train.launch import launch
+    from paratrain.training.launch import launch
 
     cfg = Config.load(args.config, overrides)
     summary = launch(cfg)

@@ -15,8 +15,8 @@ from torch import nn
 import paratrain
 from paratrain.config import ConfigError
 from paratrain.data.user_data import DatasetBatches, IterableBatches, count_items, user_val_batches
-from paratrain.train.handoff import save_injected
-from paratrain.train.user_model import MeanLoss, find_repeated_blocks, output_loss, prepare_foreign_model
+from paratrain.training.handoff import save_injected
+from paratrain.training.user_model import MeanLoss, find_repeated_blocks, output_loss, prepare_foreign_model
 
 SCRIPT = Path(__file__).with_name("api_mlp_script.py")
 spec = importlib.util.spec_from_file_location("api_mlp_script", SCRIPT)

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from paratrain.compression import (
+from paratrain.config import Config
+from paratrain.grad_compression import (
     CODECS,
     GradientCompressor,
     LossSafeguard,
@@ -17,8 +18,7 @@ from paratrain.compression import (
     get_codec,
     nbytes,
 )
-from paratrain.compression.codecs import powersgd_applies, topk_count, warmup_ratio, warmup_ratios
-from paratrain.config import Config
+from paratrain.grad_compression.codecs import powersgd_applies, topk_count, warmup_ratio, warmup_ratios
 
 SHAPES = [(1000,), (64, 48), (8, 4, 5), (1,)]
 
@@ -341,7 +341,7 @@ class _HookState:
 
 
 def test_bucket_rebuild_carries_residuals_per_parameter_and_drops_stale_states():
-    from paratrain.compression.hooks import adopt_state, bucket_key
+    from paratrain.grad_compression.hooks import adopt_state, bucket_key
 
     comp = _compressor("--compression.gradient=topk")
     a, b, c = torch.zeros(3), torch.zeros(2), torch.zeros(4)

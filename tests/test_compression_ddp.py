@@ -31,7 +31,7 @@ TINY = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.
 # ---- the worker (run as: python test_compression_ddp.py RANK WORLD PORT OUT) ------------------------
 def _expected_bytes(codec: str, params, world: int, ratio: float, rank: int, chunk: int) -> int:
     """Bytes one rank sends per step for one bucket holding ``params`` (docs/compression.md)."""
-    from paratrain.compression.codecs import matrix_shape, powersgd_applies, topk_count
+    from paratrain.grad_compression.codecs import matrix_shape, powersgd_applies, topk_count
     from paratrain.parallel.data_parallel import ring_allreduce_bytes
 
     n = sum(p.numel() for p in params)
@@ -67,8 +67,8 @@ def _train_one(codec: str, rank: int, world: int) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from paratrain.compression.hooks import register_compression_hook
     from paratrain.config import Config
+    from paratrain.grad_compression.hooks import register_compression_hook
     from paratrain.parallel.dims import ParallelDims
 
     class Strat:  # the part of a Strategy the hooks use
@@ -191,7 +191,7 @@ def test_hooks_safeguard_falls_back_on_every_rank(hook_results, codec):
 
 def _launch(tmp_path: Path, name: str, extra: list[str]) -> tuple[dict, list[dict]]:
     from paratrain.config import Config
-    from paratrain.train.launch import launch
+    from paratrain.training.launch import launch
 
     cfg = Config.load(overrides=[*TINY, f"--run.dir={tmp_path / name}", *extra])
     summary = launch(cfg)
@@ -205,9 +205,9 @@ def test_paratrain_ddp_topk(tmp_path):
     assert summary["status"] == "ok", summary
     assert summary["compression"] == "topk" and summary["compression_fallbacks"] == 0
     # all-gather of ceil(1% numel) (fp32 value, int32 index) pairs per tensor, to 1 peer
-    from paratrain.compression.codecs import topk_count
     from paratrain.config import Config
     from paratrain.data.tokenizer import ByteTokenizer
+    from paratrain.grad_compression.codecs import topk_count
     from paratrain.models import build_model
 
     model = build_model(Config.load(overrides=TINY).model, ByteTokenizer.vocab_size, 0)
@@ -227,9 +227,9 @@ def test_paratrain_onebit_adam(tmp_path):
     assert summary["status"] == "ok", summary
     import torch
 
-    from paratrain.compression.onebit_adam import is_sync_step
     from paratrain.config import Config
     from paratrain.data.tokenizer import ByteTokenizer
+    from paratrain.grad_compression.onebit_adam import is_sync_step
     from paratrain.models import build_model
 
     params = [p for p in build_model(Config.load(overrides=TINY).model, ByteTokenizer.vocab_size, 0).parameters()]

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from paratrain.train.launch import launch
+from paratrain.training.launch import launch
 from tests.conftest import tiny_config
 
 COMMON = ["--train.steps=20", "--checkpoint.every=10", "--checkpoint.keep=2", "--train.deterministic=true",

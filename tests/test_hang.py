@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from paratrain.train.watchdog import CollectiveLog, diagnose
+from paratrain.training.watchdog import CollectiveLog, diagnose
 from tests.conftest import TINY_MODEL
 
 

@@ -1,4 +1,4 @@
-"""A Hugging Face transformers GPT-2 (tiny config, random init) trained by paratrain.train."""
+"""A Hugging Face transformers GPT-2 (tiny config, random init) trained by paratrain.training."""
 
 from __future__ import annotations
 

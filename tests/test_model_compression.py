@@ -11,17 +11,17 @@ import warnings
 import pytest
 import torch
 
-import paratrain.compression.distill as D
-import paratrain.compression.export as E
-import paratrain.compression.pruning as P
-import paratrain.compression.quantization as Q
+import paratrain.model_compression.distill as D
+import paratrain.model_compression.export as E
+import paratrain.model_compression.pruning as P
+import paratrain.model_compression.quantization as Q
 from paratrain.cli import main
 from paratrain.config import Config
 from paratrain.data import build_data, val_batches
 from paratrain.models import build_model
-from paratrain.train import checkpoint as ckpt
-from paratrain.train.launch import launch
-from paratrain.train.loss import lm_loss_sum
+from paratrain.training import checkpoint as ckpt
+from paratrain.training.launch import launch
+from paratrain.training.loss import lm_loss_sum
 from tests.conftest import tiny_config
 
 SMALL = ["--model.n_layer=2", "--model.n_head=4", "--model.d_model=32", "--model.d_ff=64"]
@@ -50,7 +50,7 @@ def trained(tmp_path_factory, corpus):
                       "--data.batch_size=8", "--model.n_head=4")
     assert launch(cfg)["status"] == "ok"
     cfg = Config.load(run / "config.toml")
-    from paratrain.compression.pipeline import load_checkpoint
+    from paratrain.model_compression.recipe import load_checkpoint
 
     _, model, _ = load_checkpoint(run)
     return run, cfg, model, val_batches(build_data(cfg), 8, max_batches=2)
@@ -179,10 +179,10 @@ def test_exported_models_reload_with_identical_outputs(trained, tmp_path):
     with pytest.raises(E.ExportError, match=msg):
         E.load_tensors(copy.deepcopy(model), tensors, spec["tied"], "structured.safetensors")
     # the int8 file loads and runs without paratrain's training code
-    code = ("import sys, torch; from paratrain.compression.export import load_model; "
+    code = ("import sys, torch; from paratrain.model_compression.export import load_model; "
             f"m = load_model({str(tmp_path / 'int8.safetensors')!r}); "
             "m(torch.randint(3, 200, (2, 16))); "
-            "bad = [k for k in sys.modules if k.startswith(('paratrain.train.', 'paratrain.data', "
+            "bad = [k for k in sys.modules if k.startswith(('paratrain.training.', 'paratrain.data', "
             "'paratrain.parallel'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -253,7 +253,7 @@ def test_sharded_checkpoint_loads_from_dcp_folder(trained, tmp_path):
     """A checkpoint holding a torch.distributed.checkpoint folder instead of model.pt."""
     import torch.distributed.checkpoint as dcp
 
-    from paratrain.compression.pipeline import load_checkpoint
+    from paratrain.model_compression.recipe import load_checkpoint
 
     run, cfg, model, _ = trained
     root = tmp_path / "run" / "checkpoints"

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from paratrain.config import Config
-from paratrain.train.launch import _prepare_data, launch, prepare_run_dir
+from paratrain.training.launch import _prepare_data, launch, prepare_run_dir
 from tests.conftest import tiny_config
 
 STEPS = ["--train.steps=10", "--model.n_head=4", "--data.seq_len=16", "--checkpoint.keep=0"]
@@ -99,7 +99,7 @@ def _group_main(world: int, paths: list[str]) -> int:
     import paratrain.parallel.sharding  # noqa: F401
     import paratrain.parallel.tensor_parallel  # noqa: F401
     from paratrain.parallel import dist_checkpoint  # noqa: F401
-    from paratrain.train import trainer as trainer_module
+    from paratrain.training import trainer as trainer_module
 
     # Keep every run's trainer alive until the rank exits (os._exit, no destructors): freeing a
     # DDP reducer frees its gloo group with the GIL held, and if gloo's worker thread is just then

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paratrain.compression.onebit_adam import OneBitAdam, is_sync_step, pack_signs, unpack_signs
+from paratrain.grad_compression.onebit_adam import OneBitAdam, is_sync_step, pack_signs, unpack_signs
 
 KW = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
 

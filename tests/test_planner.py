@@ -306,7 +306,7 @@ def test_codec_bytes_match_the_models_tensors(arch: str) -> None:
     import dataclasses
     import math
 
-    from paratrain.compression.codecs import matrix_shape, powersgd_applies
+    from paratrain.grad_compression.codecs import matrix_shape, powersgd_applies
     from paratrain.models import build_model
     from paratrain.planner import codecs
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from paratrain.train.launch import launch
+from paratrain.training.launch import launch
 from tests.conftest import tiny_config
 
 STEPS = 14

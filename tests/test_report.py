@@ -66,7 +66,7 @@ def test_monitor_adds_mfu_and_memory_and_feeds_tensorboard(monkeypatch, tmp_path
 
     from paratrain.config import Config
     from paratrain.parallel import ParallelDims
-    from paratrain.train import monitor
+    from paratrain.training import monitor
 
     logged = []
 

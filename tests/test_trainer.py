@@ -7,7 +7,7 @@ import json
 import pytest
 
 from paratrain.cli import main
-from paratrain.train.launch import launch
+from paratrain.training.launch import launch
 from tests.conftest import tiny_config
 
 STEPS = ["--train.steps=20", "--checkpoint.every=10", "--checkpoint.keep=3", "--train.deterministic=true"]

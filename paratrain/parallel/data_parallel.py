@@ -53,7 +53,7 @@ class DDPStrategy(Strategy):
             ddp.register_comm_hook(None, keep_local)
             return
         if self.cfg.compression.gradient != "none":
-            from paratrain.compression.hooks import register_compression_hook
+            from paratrain.grad_compression.hooks import register_compression_hook
 
             self.compression = register_compression_hook(ddp, self)
             return

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from paratrain.config import Config, ConfigError
 from paratrain.parallel.dims import ParallelDims
-from paratrain.parallel.memory import apply_activation_checkpointing
+from paratrain.parallel.memory_policy import apply_activation_checkpointing
 from paratrain.parallel.strategy import Strategy
 
 

@@ -162,7 +162,7 @@ class ForeignPipelineRunner(PipelineRunner):
     """This rank's stages of a traced foreign model, and the schedule that drives them.
 
     ``example`` is one training batch (its microbatch fixes the traced shapes) and ``loss_fn``
-    the trainer's loss (a sum over the batch, see :mod:`paratrain.train.user_model`).
+    the trainer's loss (a sum over the batch, see :mod:`paratrain.training.user_model`).
     """
 
     calls_user_loss = True  # train_step takes the trainer's loss_fn

@@ -18,7 +18,7 @@ from torch import nn
 
 from paratrain.config import Config
 from paratrain.parallel.dims import ParallelDims
-from paratrain.parallel.memory import LossScaler, apply_activation_checkpointing
+from paratrain.parallel.memory_policy import LossScaler, apply_activation_checkpointing
 
 
 class Strategy:
@@ -33,7 +33,7 @@ class Strategy:
         self.cfg = cfg
         self.dims = dims
         self.comm_bytes = 0  # bytes this worker sent since the last take_comm_bytes()
-        # fp16: dynamic loss scaling, overflow agreed by all ranks (see parallel/memory.py)
+        # fp16: dynamic loss scaling, overflow agreed by all ranks (see parallel/memory_policy.py)
         t = cfg.train
         self.loss_scaler = (LossScaler(t.loss_scale, growth_interval=t.loss_scale_growth_interval)
                             if t.precision == "fp16" else None)
@@ -186,7 +186,7 @@ def make_optimizer(model: nn.Module, cfg: Config, group: Any = None) -> torch.op
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if t.optimizer == "onebit_adam":
-        from paratrain.compression.onebit_adam import OneBitAdam
+        from paratrain.grad_compression.onebit_adam import OneBitAdam
 
         return OneBitAdam(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, clip=t.grad_clip, group=group)
     # On GPUs the fused kernel (one launch for all tensors); on CPU the per-tensor loop, whose

@@ -1,6 +1,6 @@
 """Bytes of a compressed data-parallel gradient exchange, from the model's shape alone.
 
-The same formulas as ``compression/codecs.py`` and the byte convention of
+The same formulas as ``grad_compression/codecs.py`` and the byte convention of
 docs/compression.md, over the weight matrices :meth:`ModelSpec.matrices` lists (every
 other parameter counts as a vector).  Two approximations, both well under 1% here: int8
 scales are counted per ``int8_chunk`` elements of the whole gradient (the hooks count

@@ -222,7 +222,7 @@ _BASELINE_PROBE = """
 import sys, json, resource, datetime, torch
 torch.set_num_threads(1)
 import torch.distributed as dist
-import paratrain.train.trainer
+import paratrain.training.trainer
 from paratrain.config import Config, ModelConfig
 from paratrain.models import build_model
 config, with_dist = (sys.argv[1:3] + ["-", "nodist"])[:2]

@@ -68,7 +68,7 @@ def _connect_host(bind: str) -> str:
 
 def resume_source(cfg: Config) -> Path | None:
     """The checkpoint the trainer will resume from (so servers start from the same one)."""
-    from paratrain.train import checkpoint as ckpt
+    from paratrain.training import checkpoint as ckpt
 
     if cfg.checkpoint.path:
         return Path(cfg.checkpoint.path)
@@ -114,7 +114,7 @@ class ServerGroup:
 
     def _spawn(self, i: int) -> None:
         log = self.run_dir / "ps" / f"server{i}.log"
-        cmd = [sys.executable, "-m", "paratrain.ps.serve", "--config", str(self.run_dir / "config.toml"),
+        cmd = [sys.executable, "-m", "paratrain.ps.server_main", "--config", str(self.run_dir / "config.toml"),
                "--index", str(i), "--endpoint", self.bind[i], "--workers", str(self.n_workers),
                "--servers", str(len(self.procs)), "--restart-count", str(self.restarts[i]),
                "--resume", str(self.initial or ""), "--job-id", self.job_id, "--log", str(log)]
@@ -188,7 +188,7 @@ def _spawn_worker(config_path: Path, rank: int, world: int, restart: int,
                   worker_args: tuple[str, ...] = ()) -> subprocess.Popen:
     env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                LOCAL_WORLD_SIZE=str(world), TORCHELASTIC_RESTART_COUNT=str(restart))
-    return subprocess.Popen([sys.executable, "-m", "paratrain.train.worker", str(config_path), *worker_args],
+    return subprocess.Popen([sys.executable, "-m", "paratrain.training.worker_main", str(config_path), *worker_args],
                             env=env, preexec_fn=_pdeathsig)
 
 
@@ -199,7 +199,7 @@ def _why(code: int) -> str:
 def launch_local(cfg: Config, run_dir: Path, worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Servers + ``parallel.nproc`` workers on this machine (``worker_args`` go after the config
     path); returns rank 0's summary."""
-    from paratrain.train.trainer import write_summary
+    from paratrain.training.trainer import write_summary
 
     t0 = float(os.environ.get("PARATRAIN_START_TIME", time.time()))
     world, max_restarts = cfg.parallel.nproc, cfg.parallel.max_restarts
@@ -263,7 +263,7 @@ def run_torchrun_role(cfg: Config) -> dict[str, Any]:
     import torch.distributed as dist
 
     from paratrain.ps.server import ParameterServer
-    from paratrain.train.trainer import run_worker
+    from paratrain.training.trainer import run_worker
 
     rank, world, n_servers = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg.ps.servers
     if world <= n_servers:
@@ -286,7 +286,7 @@ def run_torchrun_role(cfg: Config) -> dict[str, Any]:
         initial = resume_source(cfg)
         resume = None
         if restarts:
-            from paratrain.ps.serve import find_resume
+            from paratrain.ps.server_main import find_resume
 
             resume = find_resume(cfg.run_dir, rank, None)
         elif initial is not None and (initial / f"ps_server{rank}.pt").is_file():

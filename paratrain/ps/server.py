@@ -1,6 +1,6 @@
 """One parameter server: a ZeroMQ ROUTER loop that owns some keys and updates them.
 
-Run by ``python -m paratrain.ps.serve --config RUN/config.toml --index I --endpoint EP
+Run by ``python -m paratrain.ps.server_main --config RUN/config.toml --index I --endpoint EP
 --workers W --servers S`` (the launcher does this; the shared secret comes from the
 ``PARATRAIN_PS_SECRET`` environment variable).  The server
 
@@ -400,6 +400,6 @@ class ParameterServer(UpdateRules):
 if __name__ == "__main__":  # ``python -m paratrain.ps.server`` works too
     import sys
 
-    from paratrain.ps.serve import main
+    from paratrain.ps.server_main import main
 
     sys.exit(main())

@@ -35,7 +35,7 @@ from paratrain.ps.placement import ParamInfo, place
 from paratrain.ps.protocol import Msg
 from paratrain.ps.wire import PushEncoder
 from paratrain.ps.worker import PSWorker
-from paratrain.train.loss import count_labels
+from paratrain.training.loss import count_labels
 
 ENDPOINTS_ENV = "PARATRAIN_PS_ENDPOINTS"
 SECRET_ENV = "PARATRAIN_PS_SECRET"
@@ -176,7 +176,7 @@ class PSStrategy(Strategy):
         self.last_save_clock = w.clock
 
     def load_extra(self, ckpt_dir: Path) -> None:
-        from paratrain.train import checkpoint as ckpt
+        from paratrain.training import checkpoint as ckpt
 
         self.resume_clock = int(ckpt.load_file(Path(ckpt_dir), "meta.json")["step"])
         self.last_save_clock = self.resume_clock

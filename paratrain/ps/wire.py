@@ -1,7 +1,7 @@
 """Gradients on the wire: per-key encoding with the compression layer's codecs, sparse rows.
 
 Workers encode each key's gradient with :class:`PushEncoder` (the codecs of
-``paratrain.compression`` -- fp16, bf16, int8, top-k, PowerSGD with error feedback -- or,
+``paratrain.grad_compression`` -- fp16, bf16, int8, top-k, PowerSGD with error feedback -- or,
 when that package is absent, a built-in fp32/fp16 cast).  Embedding keys whose gradient
 touches less than half of the rows are sent as (row indices, rows) instead.  Servers call
 :func:`decode_key`, which needs no codec object or state.
@@ -17,8 +17,8 @@ from paratrain.ps.placement import KeySpec
 from paratrain.ps.protocol import KEY_SPARSE, KeyRecord, ProtocolError
 
 try:  # the gradient-compression layer (its codecs plug in here)
-    from paratrain.compression import GradientCompressor, Payload
-    from paratrain.compression import decode as codec_decode
+    from paratrain.grad_compression import GradientCompressor, Payload
+    from paratrain.grad_compression import decode as codec_decode
 except ImportError:  # pragma: no cover - only without the compression package
     GradientCompressor = None  # type: ignore[assignment,misc]
 
@@ -39,7 +39,7 @@ class PushEncoder:
             if GradientCompressor is not None:
                 self.compressor = GradientCompressor.from_config(comp, seed=seed)
             elif self.codec != "fp16":
-                raise ValueError(f"compression.gradient = {self.codec!r} needs paratrain.compression")
+                raise ValueError(f"compression.gradient = {self.codec!r} needs paratrain.grad_compression")
 
     @property
     def active(self) -> str:
@@ -94,7 +94,7 @@ def decode_key(rec: KeyRecord, tensors: list[torch.Tensor], key: KeySpec):
             raise ProtocolError("malformed", f"key {key.id}: {name} payload does not match the key")
         return "dense", tensors[0].reshape(-1).float()
     if GradientCompressor is None:
-        raise ProtocolError("malformed", f"codec {name} needs paratrain.compression on the server")
+        raise ProtocolError("malformed", f"codec {name} needs paratrain.grad_compression on the server")
     info = dict(zip(INFO_FIELDS.get(name, ()), (rec.info0, rec.info1), strict=False))
     try:
         out = codec_decode(Payload(name, key.shape, torch.float32, tensors, info))

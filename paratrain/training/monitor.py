@@ -3,7 +3,7 @@
 The trainer makes one :class:`RunMonitor` per rank at the start of ``fit`` and calls
 ``step_end`` once per step; the monitor
 
-- feeds the hang watchdog (``train.hang_timeout_s``, see :mod:`paratrain.train.watchdog`);
+- feeds the hang watchdog (``train.hang_timeout_s``, see :mod:`paratrain.training.watchdog`);
 - keeps the productive step time (also stored in checkpoints, so a restarted run counts
   only the steps that survived) and, on rank 0, ``RUN_DIR/goodput.json`` (the job start and
   every recovery of the elastic agent with its lost time, from the failure to the first step
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from paratrain.fileio import write_json_atomic
-from paratrain.train.metrics import peak_rss_mb
-from paratrain.train.watchdog import start_watchdog
+from paratrain.training.metrics import peak_rss_mb
+from paratrain.training.watchdog import start_watchdog
 
 GOODPUT_FILE = "goodput.json"
 

@@ -1,7 +1,7 @@
 """``paratrain compress``: load a checkpoint, prune -> fine-tune -> distill -> quantize, export, report.
 
 Every stage is exported to OUT/<stage>.safetensors (static int8: .pt) and measured against the
-original on the run's own validation data; see :mod:`paratrain.compression.report`.
+original on the run's own validation data; see :mod:`paratrain.model_compression.report`.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-import paratrain.compression.distill as D
-import paratrain.compression.export as E
-import paratrain.compression.pruning as P
-import paratrain.compression.quantization as Q
-import paratrain.compression.report as R
+import paratrain.model_compression.distill as D
+import paratrain.model_compression.export as E
+import paratrain.model_compression.pruning as P
+import paratrain.model_compression.quantization as Q
+import paratrain.model_compression.report as R
 from paratrain.config import Config, ConfigError
 from paratrain.data import DistributedBatches, build_data, val_batches
 from paratrain.models import build_model
-from paratrain.train import checkpoint as ckpt
+from paratrain.training import checkpoint as ckpt
 
 PRUNE_METHODS = ("magnitude", "nm", "ffn", "heads", "both")
 

@@ -26,7 +26,7 @@ Status: an experiment, not wired into ``make_optimizer``.  ``benchmarks/compress
 uses it (``freeze_v_after``, ``v_sync`` knobs); on the default GPT it did not bring top-k 1%
 with error feedback closer to fp32 (docs/benchmarks.md, "Gradient compression").  What the
 simulation found to work, sign-compressed local momentum with synced variance, is the
-optimizer ``train.optimizer = "onebit_adam"`` (:mod:`paratrain.compression.onebit_adam`).
+optimizer ``train.optimizer = "onebit_adam"`` (:mod:`paratrain.grad_compression.onebit_adam`).
 """
 
 from __future__ import annotations
@@ -36,13 +36,7 @@ from typing import Any
 
 import torch
 
-
-def run_closure(closure: Any) -> Any:
-    """The loss of an optimizer ``step(closure)``: the closure re-evaluated with grad on, or None."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
+from paratrain.grad_compression.onebit_adam import run_closure
 
 
 class FrozenVarianceAdamW(torch.optim.Optimizer):

@@ -24,11 +24,11 @@ from paratrain.data.user_data import samples_in, to_device, tokens_in
 from paratrain.fileio import write_json_atomic
 from paratrain.models import build_model, count_params
 from paratrain.parallel import ParallelDims, Strategy, build_strategy
-from paratrain.train import checkpoint as ckpt
-from paratrain.train.loss import count_labels, eval_stats, lm_loss_sum
-from paratrain.train.metrics import MetricsLog, Progress, device_peak_flops, peak_rss_mb
-from paratrain.train.monitor import RunMonitor
-from paratrain.train.user_model import UserRun
+from paratrain.training import checkpoint as ckpt
+from paratrain.training.loss import count_labels, eval_stats, lm_loss_sum
+from paratrain.training.metrics import MetricsLog, Progress, device_peak_flops, peak_rss_mb
+from paratrain.training.monitor import RunMonitor
+from paratrain.training.user_model import UserRun
 
 
 def lr_lambda(cfg: Config):
@@ -59,7 +59,7 @@ class Trainer:
     def __init__(self, cfg: Config, dims: ParallelDims, strategy: Strategy | None = None, *,
                  model: Any = None, loss_fn=None, train_data: Any = None, val_data: Any = None,
                  tp_plan: Any = None, pp_split: Any = None):
-        # Injected pieces (see paratrain/train/user_model.py): model = an nn.Module or a zero-argument
+        # Injected pieces (see paratrain/training/user_model.py): model = an nn.Module or a zero-argument
         # factory (e.g. a pruned/student model, a Hugging Face model); loss_fn(model, batch) -> summed
         # loss (e.g. distillation), weighted by ``loss_fn.count(batch)`` when it has one; train_data /
         # val_data = a map-style dataset or an iterable of batches; tp_plan / pp_split for foreign models.

@@ -37,9 +37,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from paratrain.compression.codecs import pack_bits, unpack_bits
-from paratrain.compression.frozen_adam import run_closure
-from paratrain.compression.hooks import allgather_bytes
+from paratrain.grad_compression.codecs import pack_bits, unpack_bits
+from paratrain.grad_compression.hooks import allgather_bytes
 from paratrain.parallel.data_parallel import ring_allreduce_bytes
 
 
@@ -56,6 +55,15 @@ def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
 def is_sync_step(t: int) -> bool:
     """Steps at which the variance is all-reduced: 1, 2, 4, 8, ..."""
     return t > 0 and t & (t - 1) == 0
+
+
+
+def run_closure(closure: Any) -> Any:
+    """The loss of an optimizer ``step(closure)``: the closure re-evaluated with grad on, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 class OneBitAdam(torch.optim.Optimizer):

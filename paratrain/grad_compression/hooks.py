@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from paratrain.compression.codecs import (
+from paratrain.grad_compression.codecs import (
     Payload,
     decode,
     initial_q,
@@ -35,7 +35,7 @@ from paratrain.compression.codecs import (
     powersgd_applies,
     valid_q,
 )
-from paratrain.compression.compressor import GradientCompressor
+from paratrain.grad_compression.compressor import GradientCompressor
 from paratrain.parallel.data_parallel import ring_allreduce_bytes
 
 

@@ -3,7 +3,7 @@
 Model compression (pruning, quantization) lives in sibling modules of this package.
 """
 
-from paratrain.compression.codecs import (
+from paratrain.grad_compression.codecs import (
     CODECS,
     Codec,
     CodecState,
@@ -13,8 +13,8 @@ from paratrain.compression.codecs import (
     make_codec,
     nbytes,
 )
-from paratrain.compression.compressor import GradientCompressor
-from paratrain.compression.safeguard import LossSafeguard
+from paratrain.grad_compression.compressor import GradientCompressor
+from paratrain.grad_compression.safeguard import LossSafeguard
 
 __all__ = [
     "CODECS",

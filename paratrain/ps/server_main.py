@@ -1,4 +1,4 @@
-"""Entry point of a server process: ``python -m paratrain.ps.serve --config RUN/config.toml ...``.
+"""Entry point of a server process: ``python -m paratrain.ps.server_main --config RUN/config.toml ...``.
 
 The launcher (``paratrain.ps.launch``) runs it; the shared secret comes from the
 ``PARATRAIN_PS_SECRET`` environment variable (or ``ps.secret``).  The server logs to
@@ -25,7 +25,7 @@ def find_resume(run_dir: Path, index: int, job_id: str | None) -> Path | None:
 
     With ``job_id`` only checkpoints written by that job count (a restart must not pick up a
     previous run's state)."""
-    from paratrain.train import checkpoint as ckpt
+    from paratrain.training import checkpoint as ckpt
 
     for d in reversed(ckpt.list_checkpoints(run_dir / "checkpoints")):
         f = d / shard_file(index)

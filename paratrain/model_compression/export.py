@@ -26,9 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-import paratrain.compression.quantization as Q
-from paratrain.compression.codecs import pack_bits, unpack_bits
+import paratrain.model_compression.quantization as Q
 from paratrain.config import ConfigError, ModelConfig
+from paratrain.grad_compression.codecs import pack_bits, unpack_bits
 from paratrain.models import build_model
 from paratrain.models.blocks import MultiHeadAttention
 

@@ -1,7 +1,7 @@
 """Knowledge distillation: a smaller student learns from a frozen teacher's logits.
 
 :class:`DistillLoss` follows the trainer's loss convention (``loss_fn(model, batch) ->
-summed token loss``), so distillation runs in the ordinary :class:`~paratrain.train.trainer.Trainer`
+summed token loss``), so distillation runs in the ordinary :class:`~paratrain.training.trainer.Trainer`
 under any strategy that calls ``loss_fn`` (single process, DDP, ZeRO/FSDP, TP): the teacher is
 a plain module on every rank, outside the strategy's wrapping, and only the student trains.
 Pipeline parallel computes its loss inside the schedule and does not take a ``loss_fn``.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from paratrain.config import Config, ConfigError
-from paratrain.train.loss import IGNORE, model_inputs
+from paratrain.training.loss import IGNORE, model_inputs
 
 
 class DistillLoss:
@@ -136,7 +136,7 @@ def finetune(cfg: Config, model: nn.Module, loss_fn: Any = None, steps: int = 10
     """Train ``model`` in place for ``steps`` steps with paratrain's Trainer (one process) on the
     run's training data; ``loss_fn`` defaults to the LM loss. Returns the run summary."""
     from paratrain.parallel import ParallelDims
-    from paratrain.train.trainer import Trainer
+    from paratrain.training.trainer import Trainer
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from paratrain.data.user_data import (
     train_source,
     user_val_batches,
 )
-from paratrain.train.loss import IGNORE, eval_stats, token_loss_sum
+from paratrain.training.loss import IGNORE, eval_stats, token_loss_sum
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 

@@ -1,7 +1,7 @@
 """Handing the user's model factory, loss and datasets to worker processes (pickle, by reference).
 
 ``paratrain.train`` started from ``python script.py`` spawns its workers as
-``python -m paratrain.train.worker CONFIG --injected FILE``.  FILE (in a private temp dir)
+``python -m paratrain.training.worker_main CONFIG --injected FILE``.  FILE (in a private temp dir)
 holds two pickles: a header (the parent's ``sys.path`` and main script) and the injected
 objects.  Functions and classes pickle by reference, so a factory must be importable: a
 module-level function or class, not a lambda or nested function.  When they live in the

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from paratrain.compression.codecs import Codec, CodecState, Payload, TopKCodec, make_codec, warmup_ratio
-from paratrain.compression.safeguard import LossSafeguard
+from paratrain.grad_compression.codecs import Codec, CodecState, Payload, TopKCodec, make_codec, warmup_ratio
+from paratrain.grad_compression.safeguard import LossSafeguard
 
 
 class GradientCompressor:

@@ -12,7 +12,7 @@ from paratrain.config import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of the compress verb (defaults: see :class:`~paratrain.compression.pipeline.CompressOptions`)."""
+    """Options of the compress verb (defaults: see :class:`~paratrain.model_compression.recipe.CompressOptions`)."""
     p.add_argument("checkpoint", help="a checkpoint dir (RUN/checkpoints/step_N) or a run dir (newest checkpoint)")
     p.add_argument("--out", default="", help="output dir for report.md, report.json and the exported models "
                    "(default: RUN/compressed)")
@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from paratrain.compression.pipeline import CompressOptions, compress, resolve_checkpoint
+    from paratrain.model_compression.recipe import CompressOptions, compress, resolve_checkpoint
 
     opts = CompressOptions(
         prune=args.prune, prune_method=args.prune_method, rank_by=args.rank_by, nm=args.nm,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from paratrain.config import Config
-from paratrain.train.trainer import run_worker, write_summary
+from paratrain.training.trainer import run_worker, write_summary
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -40,7 +40,7 @@ def _prepare_data(cfg: Config) -> None:
 
 def _check_resume(cfg: Config) -> None:
     """Verify the checkpoint a resume would load here, so corruption is a clean user error."""
-    from paratrain.train import checkpoint as ckpt
+    from paratrain.training import checkpoint as ckpt
 
     c = cfg.checkpoint
     if c.path:
@@ -110,10 +110,10 @@ def _launch_local(cfg: Config, run_dir: Path, worker_args: tuple[str, ...] = ())
     # workers read the resolved config from the run dir
     with _worker_env(cfg):
         try:
-            elastic_launch(lc, entrypoint=sys.executable)("-m", "paratrain.train.worker", str(config_path),
+            elastic_launch(lc, entrypoint=sys.executable)("-m", "paratrain.training.worker_main", str(config_path),
                                                           *worker_args)
         except ChildFailedError as e:
-            from paratrain.train.watchdog import read_diagnosis
+            from paratrain.training.watchdog import read_diagnosis
 
             failures = "; ".join(_describe_failure(r, f.exitcode) for r, f in sorted(e.failures.items()))
             error = read_diagnosis(run_dir, since=t0) or f"worker failed: {failures}"

@@ -1,7 +1,7 @@
 """Entry point of one worker process started by the local launcher.
 
-``python -m paratrain.train.worker CONFIG [--injected FILE]``: FILE holds the model factory,
-loss and datasets handed over by ``paratrain.train`` (see :mod:`paratrain.train.handoff`).
+``python -m paratrain.training.worker_main CONFIG [--injected FILE]``: FILE holds the model factory,
+loss and datasets handed over by ``paratrain.train`` (see :mod:`paratrain.training.handoff`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from paratrain.config import Config, ConfigError
-from paratrain.train.trainer import run_worker
+from paratrain.training.trainer import run_worker
 
 _HELD: list = []  # the trainer, kept alive until os._exit (see run_worker)
 
@@ -21,17 +21,17 @@ def main(argv: list[str]) -> int:
     try:
         injected = {}
         if injected_file is not None:
-            from paratrain.train.handoff import load_injected
+            from paratrain.training.handoff import load_injected
 
             injected = load_injected(injected_file)
-        from paratrain.train.user_model import is_own_spec
+        from paratrain.training.user_model import is_own_spec
 
         cfg = Config.load(argv[0], own_model=is_own_spec(injected.get("model")))
         run_worker(cfg, hold=_HELD, **injected)
     except ConfigError as e:
         print(f"paratrain: error: {e}", file=sys.stderr)
         if injected_file is not None:
-            from paratrain.train.handoff import write_error
+            from paratrain.training.handoff import write_error
 
             write_error(injected_file.parent, str(e))
         return 2

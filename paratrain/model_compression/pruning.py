@@ -3,7 +3,7 @@
 Unstructured pruning zeroes individual weights of the prunable ``nn.Linear`` layers (every
 Linear whose weight is not tied to an embedding table) and keeps a mask per weight; the
 dense kernels do not get faster, but the zeros compress on disk (see
-:mod:`paratrain.compression.export`).  Structured pruning removes whole FFN neurons
+:mod:`paratrain.model_compression.export`).  Structured pruning removes whole FFN neurons
 (rows of ``fc1`` and columns of ``fc2``) and attention heads (``head_dim`` rows of
 ``q/k/v_proj`` and columns of ``out_proj``) by replacing those Linears with smaller ones,
 so the model really gets smaller and faster.  Attention derives its head count from the
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from paratrain.config import ConfigError
 from paratrain.models.blocks import FeedForward, MultiHeadAttention
-from paratrain.train.loss import lm_loss_sum
+from paratrain.training.loss import lm_loss_sum
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 

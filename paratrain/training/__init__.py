@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, metrics and launching (the API function is :func:`paratrain.train`)."""
