@@ -67,11 +67,10 @@ def simulate(cfg, workers: int, eval_batches: int, tune: dict | None = None) -> 
     from paratrain.data import build_data, val_batches
     from paratrain.grad_compression.codecs import decode
     from paratrain.grad_compression.compressor import GradientCompressor
-    from paratrain.grad_compression.hooks import allgather_bytes
+    from paratrain.grad_compression.hooks import allgather_bytes, ring_allreduce_bytes
     from paratrain.models import build_model
-    from paratrain.parallel.data_parallel import ring_allreduce_bytes
-    from paratrain.parallel.strategy import make_optimizer
-    from paratrain.training.loss import eval_stats, lm_loss_sum
+    from paratrain.models.loss import eval_stats, lm_loss_sum
+    from paratrain.parallel.sync import make_optimizer
     from paratrain.training.trainer import lr_lambda
 
     tune = tune or {}

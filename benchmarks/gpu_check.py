@@ -139,7 +139,7 @@ def fwd_bwd_ms(cfg: Config, repeats: int = 10) -> float:
     """Median forward + backward (bf16 autocast) of the config's model on one batch, in ms."""
     from paratrain.data import build_data
     from paratrain.models import build_model
-    from paratrain.training.loss import lm_loss_sum
+    from paratrain.models.loss import lm_loss_sum
 
     data = build_data(cfg, 0, 1)
     model = build_model(cfg.model, data.vocab_size, data.pad_id).cuda()

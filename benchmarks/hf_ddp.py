@@ -30,6 +30,7 @@ from benchmarks.trainer_overhead import finish, free_port, interleaved_times, jo
 from paratrain.config import Config  # noqa: E402
 from paratrain.data import build_data, cached_corpus  # noqa: E402
 from paratrain.parallel import ParallelDims  # noqa: E402
+from paratrain.training.spec import RunSpec  # noqa: E402
 from paratrain.training.trainer import Trainer, lr_lambda  # noqa: E402
 
 SEQ, BATCH = 128, 8
@@ -76,7 +77,8 @@ def _hand_written(cfg: Config, rank: int, world: int):
 def _worker(rank: int, world: int, port: int, rounds: int, steps: int, run_dir: str, out: str) -> None:
     join_gloo(rank, world, port)
     cfg = _config(run_dir)
-    trainer = Trainer(cfg, ParallelDims.from_env(cfg), model=make_gpt2)
+    dims = ParallelDims.from_env(cfg)
+    trainer = Trainer(cfg, dims, RunSpec.from_user(cfg, dims.dp_rank, dims.dp, model=make_gpt2))
     finish(rank, interleaved_times(trainer, _hand_written(cfg, rank, world), rounds, steps), out)
 
 

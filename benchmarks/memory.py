@@ -101,8 +101,8 @@ def _held_after_forward(n_layer: int, mode: str, math_attn: bool, s: int, b: int
 
     from paratrain.config import ModelConfig
     from paratrain.models import build_model
+    from paratrain.models.loss import token_loss_sum
     from paratrain.parallel.memory_policy import apply_activation_checkpointing
-    from paratrain.training.loss import token_loss_sum
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=n_layer, n_head=a, d_model=h, d_ff=4 * h, max_seq_len=s, tie_embeddings=False)

@@ -36,6 +36,7 @@ import paratrain.model_compression.distill as D  # noqa: E402
 import paratrain.model_compression.pruning as P  # noqa: E402
 import paratrain.model_compression.quantization as Q  # noqa: E402
 import paratrain.model_compression.report as R  # noqa: E402
+from paratrain import checkpoint as ckpt  # noqa: E402
 from paratrain.config import Config  # noqa: E402
 from paratrain.data import build_data, val_batches  # noqa: E402
 from paratrain.model_compression.recipe import (  # noqa: E402
@@ -44,7 +45,6 @@ from paratrain.model_compression.recipe import (  # noqa: E402
     load_checkpoint,
     measure_stages,
 )
-from paratrain.training import checkpoint as ckpt  # noqa: E402
 from paratrain.training.launch import launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,6 +210,7 @@ def _distill_worker(rank: int, world: int, gpt_run: str, run_dir: str, port: int
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from paratrain.parallel import ParallelDims
+    from paratrain.training.spec import RunSpec
     from paratrain.training.trainer import Trainer
 
     cfg, teacher, _ = load_checkpoint(gpt_run)
@@ -220,7 +221,8 @@ def _distill_worker(rank: int, world: int, gpt_run: str, run_dir: str, port: int
     c.train.log_every = 1
     dims = ParallelDims.from_env(c)
     try:
-        Trainer(c, dims, model=student, loss_fn=D.DistillLoss(teacher, 2.0, 0.5)).fit()
+        spec = RunSpec.from_user(c, dims.dp_rank, dims.dp, model=student, loss_fn=D.DistillLoss(teacher, 2.0, 0.5))
+        Trainer(c, dims, spec).fit()
     finally:
         dims.shutdown()
 

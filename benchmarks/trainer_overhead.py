@@ -34,6 +34,7 @@ from paratrain.data import build_data, cached_corpus  # noqa: E402
 from paratrain.models import build_model  # noqa: E402
 from paratrain.parallel import ParallelDims  # noqa: E402
 from paratrain.training.metrics import measure_matmul_flops  # noqa: E402
+from paratrain.training.spec import RunSpec  # noqa: E402
 from paratrain.training.trainer import Trainer, lr_lambda  # noqa: E402
 
 
@@ -111,7 +112,8 @@ def finish(rank: int, times: dict[str, list[float]], out: str) -> None:
 def _worker(rank: int, world: int, port: int, rounds: int, steps: int, run_dir: str, out: str) -> None:
     join_gloo(rank, world, port)
     cfg = _config(world, run_dir)
-    trainer = Trainer(cfg, ParallelDims.from_env(cfg))
+    dims = ParallelDims.from_env(cfg)
+    trainer = Trainer(cfg, dims, RunSpec.from_config(cfg, dims.dp_rank, dims.dp))
     finish(rank, interleaved_times(trainer, _hand_written(cfg, rank, world), rounds, steps), out)
 
 
@@ -120,7 +122,7 @@ def single_process_mfu(run_dir: str, steps: int = 40) -> dict:
     os.environ.pop("RANK", None)
     torch.set_num_threads(1)
     cfg = _config(1, run_dir)
-    trainer = Trainer(cfg, ParallelDims.from_env(cfg, init=False))
+    trainer = Trainer(cfg, ParallelDims.from_env(cfg, init=False), RunSpec.from_config(cfg))
     for _ in range(5):
         trainer.train_step()
     t0 = time.perf_counter()

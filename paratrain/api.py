@@ -1,16 +1,13 @@
 """The Python API: ``paratrain.train(config, model=..., loss_fn=..., train_data=..., val_data=...)``.
 
-See docs/python-api.md.  From a plain ``python script.py`` the call starts the local workers
-itself (``parallel.nproc`` of them, plus parameter servers for ``parallel.sync = "ps"``); under
-torchrun it runs as that one rank; with ``nproc = 1`` it trains in this process.
+See docs/python-api.md.  This module validates the caller's objects and wraps the result;
+launching (in this process, as local workers, or as one torchrun rank) is
+:func:`paratrain.training.launch.launch`'s, as for ``paratrain train``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +60,7 @@ class RunResult:
 
     def checkpoint(self, step: int | None = None) -> Path:
         """The directory of checkpoint ``step`` (default: the newest)."""
-        from paratrain.training import checkpoint as ckpt
+        from paratrain import checkpoint as ckpt
 
         root = self.run_dir / "checkpoints"
         path = root / f"step_{step}" if step is not None else ckpt.latest(root)
@@ -74,7 +71,7 @@ class RunResult:
     def state_dict(self, step: int | None = None) -> dict[str, torch.Tensor]:
         """The full (unsharded) model state dict saved in a checkpoint; load it with
         ``model.load_state_dict(...)`` into a model built the same way."""
-        from paratrain.training import checkpoint as ckpt
+        from paratrain import checkpoint as ckpt
 
         path = self.checkpoint(step)
         ckpt.verify(path)
@@ -142,11 +139,12 @@ def train(config: Config | str | os.PathLike | None = None, *, model: nn.Module 
     ``.loss``).  ``train_data`` / ``val_data``: a map-style Dataset (sharded by rank, collated by
     its ``collate_fn`` or torch's default) or an iterable of batches; default: ``[data]``.
     ``tp_plan`` / ``pp_split``: tensor / pipeline parallel layout of a foreign model.
+    From ``python script.py`` the call starts the local job itself; under torchrun it is one rank.
     Raises :class:`ConfigError` for user errors and :class:`TrainingFailed` when a run breaks.
     """
     from paratrain.parallel.pipeline_foreign import check_split, n_stages
-    from paratrain.training import launch as L
     from paratrain.training.handoff import IMPORTING_MAIN
+    from paratrain.training.launch import launch
     from paratrain.training.user_model import MeanLoss, check_plans, is_own_spec, own_models
 
     if os.environ.get(IMPORTING_MAIN):
@@ -168,44 +166,7 @@ def train(config: Config | str | os.PathLike | None = None, *, model: nn.Module 
     injected = {k: v for k, v in dict(model=model, loss_fn=loss_fn, train_data=train_data, val_data=val_data,
                                       tp_plan=tp_plan, pp_split=list(pp_split) if pp_split else None).items()
                 if v is not None}
-    own_data = train_data is None
-    if L.under_torchrun():
-        os.environ.setdefault("PARATRAIN_START_TIME", repr(time.time()))
-        if int(os.environ.get("RANK", "0")) == 0:
-            L.prepare_run_dir(cfg)
-        if own_data:
-            L._prepare_data(cfg)
-        return _finish(cfg, L.run_worker(cfg, **injected))
-    os.environ["PARATRAIN_START_TIME"] = repr(time.time())
-    L._check_resume(cfg)
-    if cfg.parallel.nproc == 1 and cfg.parallel.sync != "ps":
-        L.prepare_run_dir(cfg)
-        if own_data:
-            L._prepare_data(cfg)
-        return _finish(cfg, L.run_worker(cfg, **injected))
-    return _finish(cfg, _spawn(cfg, injected, own_data))
-
-
-def _spawn(cfg: Config, injected: dict[str, Any], own_data: bool) -> dict[str, Any]:
-    """Start the local workers with the injected pieces pickled into a private temp dir."""
-    from paratrain.training import launch as L
-    from paratrain.training.handoff import read_error, save_injected
-
-    tmp = Path(tempfile.mkdtemp(prefix="paratrain-injected-"))
-    try:
-        worker_args: tuple[str, ...] = ()
-        if injected:
-            worker_args = ("--injected", str(save_injected(tmp, injected, cfg.parallel.nproc)))
-        run_dir = L.prepare_run_dir(cfg)
-        if own_data:
-            L._prepare_data(cfg)
-        summary = L.spawn_workers(cfg, run_dir, worker_args)
-        error = read_error(tmp)
-        if error is not None and summary.get("status") != "ok":
-            raise ConfigError(error)
-        return summary
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return _finish(cfg, launch(cfg, injected))
 
 
 def _finish(cfg: Config, summary: dict[str, Any]) -> RunResult:

@@ -1,7 +1,7 @@
 """A user script for tests/test_api.py: its pieces live in __main__ (the spawn path must import it).
 
-python tests/api_mlp_script.py RUN_DIR NPROC BATCH [bad]   -> prints the final loss, or one error line
-(bad: a model that returns no loss, and no loss_fn)
+python tests/api_mlp_script.py RUN_DIR NPROC BATCH [bad|badsplit|ps]   -> prints the final loss, or one error line
+(bad: a model that returns no loss, and no loss_fn; ps: parameter-server sync, e.g. under torchrun)
 """
 
 import sys
@@ -123,7 +123,10 @@ if __name__ == "__main__":
             cfg = config(run_dir, nproc, batch)
             cfg.parallel.pp = 2
             paratrain.train(cfg, model=TinyLM, loss_fn=token_ce, train_data=Sequences(), pp_split=["blocks.9"])
-        result = paratrain.train(config(run_dir, nproc, batch), model=NoLoss if bad else make_model,
+        cfg = config(run_dir, nproc, batch)
+        if sys.argv[4:] == ["ps"]:
+            cfg.parallel.sync, cfg.ps.mode, cfg.ps.secret = "ps", "sync", "api-torchrun-secret-0123456789"
+        result = paratrain.train(cfg, model=NoLoss if bad else make_model,
                                  loss_fn=None if bad else mse, train_data=Regression(), val_data=Regression(64))
     except paratrain.ConfigError as e:
         print(f"error: {e}")

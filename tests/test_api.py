@@ -16,7 +16,8 @@ import paratrain
 from paratrain.config import ConfigError
 from paratrain.data.user_data import DatasetBatches, IterableBatches, count_items, user_val_batches
 from paratrain.training.handoff import save_injected
-from paratrain.training.user_model import MeanLoss, find_repeated_blocks, output_loss, prepare_foreign_model
+from paratrain.training.spec import RunSpec
+from paratrain.training.user_model import MeanLoss, find_repeated_blocks, output_loss
 
 SCRIPT = Path(__file__).with_name("api_mlp_script.py")
 spec = importlib.util.spec_from_file_location("api_mlp_script", SCRIPT)
@@ -74,6 +75,24 @@ def test_ps_sync_matches_one_process(runs, tmp_path):
     cfg.parallel.sync, cfg.ps.mode = "ps", "sync"
     ps = paratrain.train(cfg, model=mlp.make_model, loss_fn=mlp.mse, train_data=mlp.Regression())
     a, b = single.losses(), ps.losses()
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+@pytest.mark.slow
+def test_ps_under_torchrun_matches_one_process(runs, tmp_path):
+    """paratrain.train with sync = "ps" under torchrun: rank 0 serves, ranks 1-2 train (as workers 0-1)."""
+    single, _ = runs
+    run_dir = tmp_path / "ps-torchrun"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--rdzv_backend=c10d",
+           "--rdzv_endpoint=127.0.0.1:0", str(SCRIPT), str(run_dir), "2", "8", "ps"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ok ") == 3  # the server and both workers return a result
+    s = paratrain.RunResult(run_dir, __import__("json").loads((run_dir / "summary.json").read_text()))
+    assert s.summary["strategy"] == "ps-sync" and s.summary["world_size"] == 2
+    a, b = single.losses(), s.losses()
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
 
@@ -300,13 +319,16 @@ def test_find_repeated_blocks_and_plans():
     with pytest.raises(ConfigError, match="fsdp_block = 'Nope'"):
         find_repeated_blocks(m, "Nope")
     cfg = paratrain.Config.default()
-    prepare_foreign_model(m, cfg)
-    assert m.layer_modules() == list(m.blocks)
+    data = [torch.randn(5, 4)]
+    spec = RunSpec.from_user(cfg, model=Tower, train_data=data)
+    built = spec.build_model()
+    assert spec.blocks(built) == list(built.blocks) and spec.arch == "custom" and spec.tp_plan is None
+    assert not hasattr(built, "layer_modules")  # nothing is patched onto the user's module
     cfg.parallel.tp = 2
     with pytest.raises(ConfigError, match="parallel.tp = 2 needs a tensor-parallel plan for Tower"):
-        prepare_foreign_model(Tower(), cfg)
+        RunSpec.from_user(cfg, model=Tower, train_data=data).build_model()
     cfg.parallel.tp, cfg.parallel.pp, cfg.model.tie_embeddings = 1, 2, False
     with pytest.raises(ConfigError, match="pp_split"):
-        prepare_foreign_model(Tower(), cfg)
+        RunSpec.from_user(cfg, model=Tower, train_data=data).build_model()
     loss = MeanLoss(output_loss, "x")(m, torch.randn(5, 4))
     assert loss.dim() == 0  # the model's scalar output, weighted by 5 samples

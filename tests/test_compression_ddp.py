@@ -32,7 +32,7 @@ TINY = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.
 def _expected_bytes(codec: str, params, world: int, ratio: float, rank: int, chunk: int) -> int:
     """Bytes one rank sends per step for one bucket holding ``params`` (docs/compression.md)."""
     from paratrain.grad_compression.codecs import matrix_shape, powersgd_applies, topk_count
-    from paratrain.parallel.data_parallel import ring_allreduce_bytes
+    from paratrain.grad_compression.hooks import ring_allreduce_bytes
 
     n = sum(p.numel() for p in params)
     if codec == "none":

@@ -15,13 +15,13 @@ import paratrain.model_compression.distill as D
 import paratrain.model_compression.export as E
 import paratrain.model_compression.pruning as P
 import paratrain.model_compression.quantization as Q
+from paratrain import checkpoint as ckpt
 from paratrain.cli import main
 from paratrain.config import Config
 from paratrain.data import build_data, val_batches
 from paratrain.models import build_model
-from paratrain.training import checkpoint as ckpt
+from paratrain.models.loss import lm_loss_sum
 from paratrain.training.launch import launch
-from paratrain.training.loss import lm_loss_sum
 from tests.conftest import tiny_config
 
 SMALL = ["--model.n_layer=2", "--model.n_head=4", "--model.d_model=32", "--model.d_ff=64"]

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from paratrain.config import Config
-from paratrain.training.launch import _prepare_data, launch, prepare_run_dir
+from paratrain.training.launch import launch, prepare_data, prepare_run_dir
 from tests.conftest import tiny_config
 
 STEPS = ["--train.steps=10", "--model.n_head=4", "--data.seq_len=16", "--checkpoint.keep=0"]
@@ -63,7 +63,7 @@ def run_group(world: int, cfgs: list[Config], timeout: float = 300.0) -> None:
     paths = []
     for cfg in cfgs:
         prepare_run_dir(cfg)
-        _prepare_data(cfg)
+        prepare_data(cfg)
         paths.append(str(cfg.run_dir / "config.toml"))
     t0 = time.monotonic()
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", MP_TEST_TIMEOUT=str(timeout))

@@ -11,12 +11,12 @@ import torch
 from paratrain.cli import main
 from paratrain.config import Config, ConfigError, ModelConfig
 from paratrain.models import build_model
+from paratrain.models.loss import token_loss_sum
 from paratrain.parallel.dims import ParallelDims
 from paratrain.parallel.memory_policy import LossScaler, apply_activation_checkpointing
 from paratrain.parallel.model_parallel import layout_name
 from paratrain.parallel.pipeline import partition, split_model
 from paratrain.training.launch import launch
-from paratrain.training.loss import token_loss_sum
 from tests.conftest import tiny_config
 
 BAD_LAYOUTS = [

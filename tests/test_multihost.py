@@ -66,8 +66,6 @@ def run_two_hosts(hosts, tmp_path, train_args, nproc=(1, 1), timeout=150):
         log = tmp_path / f"{name}.log"
         logs.append(log)
         env = dict(os.environ, GLOO_SOCKET_IFNAME=dev, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
-        for key in ("PARATRAIN_START_TIME", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):  # from in-process launches
-            env.pop(key, None)
         procs.append(subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True))
     deadline = time.monotonic() + timeout

@@ -36,7 +36,11 @@ from paratrain.grad_compression.codecs import (
     valid_q,
 )
 from paratrain.grad_compression.compressor import GradientCompressor
-from paratrain.parallel.data_parallel import ring_allreduce_bytes
+
+
+def ring_allreduce_bytes(nbytes: int, world: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``nbytes`` (reduce-scatter + all-gather)."""
+    return 2 * (world - 1) * nbytes // world
 
 
 def allgather_bytes(nbytes: int, world: int) -> int:

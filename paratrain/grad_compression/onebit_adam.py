@@ -38,8 +38,7 @@ import torch
 import torch.distributed as dist
 
 from paratrain.grad_compression.codecs import pack_bits, unpack_bits
-from paratrain.grad_compression.hooks import allgather_bytes
-from paratrain.parallel.data_parallel import ring_allreduce_bytes
+from paratrain.grad_compression.hooks import allgather_bytes, ring_allreduce_bytes
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:

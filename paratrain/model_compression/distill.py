@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from paratrain.config import Config, ConfigError
-from paratrain.training.loss import IGNORE, model_inputs
+from paratrain.models.loss import IGNORE, model_inputs
 
 
 class DistillLoss:
@@ -136,6 +136,7 @@ def finetune(cfg: Config, model: nn.Module, loss_fn: Any = None, steps: int = 10
     """Train ``model`` in place for ``steps`` steps with paratrain's Trainer (one process) on the
     run's training data; ``loss_fn`` defaults to the LM loss. Returns the run summary."""
     from paratrain.parallel import ParallelDims
+    from paratrain.training.spec import RunSpec
     from paratrain.training.trainer import Trainer
 
     run_dir = Path(run_dir)
@@ -144,11 +145,11 @@ def finetune(cfg: Config, model: nn.Module, loss_fn: Any = None, steps: int = 10
     (run_dir / "config.toml").write_text(c.to_toml())
     threads = torch.get_num_threads()
     model.train()
-    trainer = Trainer(c, ParallelDims(), model=model, loss_fn=loss_fn)
+    trainer = Trainer(c, ParallelDims(), RunSpec.from_user(c, model=model, loss_fn=loss_fn))
     try:
         summary = trainer.fit()
     finally:
-        trainer.strategy.close()
+        trainer.sync.close()
         torch.set_num_threads(threads)
     model.eval()
     return summary

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from paratrain.config import ConfigError
 from paratrain.models.blocks import FeedForward, MultiHeadAttention
-from paratrain.training.loss import lm_loss_sum
+from paratrain.models.loss import lm_loss_sum
 
 LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 

@@ -19,10 +19,10 @@ import paratrain.model_compression.export as E
 import paratrain.model_compression.pruning as P
 import paratrain.model_compression.quantization as Q
 import paratrain.model_compression.report as R
+from paratrain import checkpoint as ckpt
 from paratrain.config import Config, ConfigError
 from paratrain.data import DistributedBatches, build_data, val_batches
 from paratrain.models import build_model
-from paratrain.training import checkpoint as ckpt
 
 PRUNE_METHODS = ("magnitude", "nm", "ffn", "heads", "both")
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import paratrain.model_compression.quantization as Q
-from paratrain.training.loss import eval_stats, model_inputs
+from paratrain.models.loss import eval_stats, model_inputs
 
 STAGE_KEYS = ("name", "params", "nonzero_params", "bytes_on_disk", "latency_ms_b1", "latency_ms_b16",
               "val_loss", "val_acc")

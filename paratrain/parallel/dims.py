@@ -1,12 +1,16 @@
-"""The one owner of the parallel layout: world, ranks, degrees, device and process groups.
+"""The one owner of the parallel layout: world, ranks, named axes, device and process groups.
 
-Every other module asks a :class:`ParallelDims` for its rank, its data-parallel
-coordinates and its groups; nothing keeps process groups in module globals.
+Every other module asks a :class:`ParallelDims` for its rank, its coordinate along an axis and
+that axis's group; nothing keeps process groups in module globals.  The axes are named in
+:data:`AXES` (mesh order, outermost first): a new parallel axis is one entry there plus its
+degree in ``[parallel]``.  Collectives over the ranks belong to the gradient sync
+(:class:`~paratrain.parallel.sync.GradSync`), since a parameter-server job has no process group.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -14,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from paratrain.config import Config, ConfigError
+
+AXES = ("dp", "pp", "tp")  # mesh order, outermost first: tensor parallel innermost (fastest links)
 
 
 @dataclass
@@ -29,10 +35,7 @@ class ParallelDims:
     pp: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = "gloo"
-    mesh: object = None  # DeviceMesh with axes ("dp", "pp", "tp"); built when tp, pp or zero need it
-    # collectives provider when there is no torch.distributed group (parameter server: the
-    # servers run barrier / all_reduce_sum / gather_floats, and a dead worker does not hang them)
-    ops: object = None
+    mesh: object = None  # DeviceMesh with the axes of AXES; built when tp, pp or zero need it
 
     @classmethod
     def from_env(cls, cfg: Config, init: bool = True) -> ParallelDims:
@@ -69,8 +72,7 @@ class ParallelDims:
         if self.mesh is None:
             from torch.distributed.device_mesh import init_device_mesh
 
-            self.mesh = init_device_mesh(self.device.type, (self.dp, self.pp, self.tp),
-                                         mesh_dim_names=("dp", "pp", "tp"))
+            self.mesh = init_device_mesh(self.device.type, tuple(self.degree(a) for a in AXES), mesh_dim_names=AXES)
         return self.mesh
 
     # ---- coordinates ------------------------------------------------------------------
@@ -82,20 +84,29 @@ class ParallelDims:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def degree(self, axis: str) -> int:
+        """How many ranks the named axis spans."""
+        return getattr(self, axis)
+
+    def coord(self, axis: str) -> int:
+        """This rank's index along the named axis (ranks are laid out in AXES order, last innermost)."""
+        inner = math.prod(self.degree(a) for a in AXES[AXES.index(axis) + 1:])
+        return (self.rank // inner) % self.degree(axis)
+
     @property
     def dp_rank(self) -> int:
-        """Rank along the data-parallel axis (mesh order: dp outermost, then pp, then tp)."""
-        return self.rank // (self.tp * self.pp)
+        """Rank along the data-parallel axis."""
+        return self.coord("dp")
 
     @property
     def pp_rank(self) -> int:
         """Pipeline stage index of this rank (0 = first stage)."""
-        return (self.rank // self.tp) % self.pp
+        return self.coord("pp")
 
     @property
     def tp_rank(self) -> int:
         """Rank inside this rank's tensor-parallel group."""
-        return self.rank % self.tp
+        return self.coord("tp")
 
     @property
     def dp_group(self):
@@ -118,31 +129,6 @@ class ParallelDims:
         """The sub-mesh of the named axes, e.g. ``axis_mesh("dp")`` or ``axis_mesh("dp", "tp")``."""
         mesh = self.build_mesh()
         return mesh[names[0]] if len(names) == 1 else mesh[names]
-
-    def barrier(self) -> None:
-        if self.ops is not None:
-            self.ops.barrier()
-        elif self.distributed:
-            dist.barrier()
-
-    def all_reduce_sum(self, t: torch.Tensor, group=None) -> torch.Tensor:
-        """Sum a small tensor over ranks (in place) and return it; no-op on one process."""
-        if self.ops is not None:
-            return self.ops.all_reduce_sum(t, group)
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        return t
-
-    def gather_floats(self, values: list[float]) -> list[list[float]]:
-        """All-gather a short list of floats from every rank (tensor collective, no pickling)."""
-        if self.ops is not None:
-            return self.ops.gather_floats(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if not self.distributed:
-            return [t.tolist()]
-        out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t)
-        return [o.tolist() for o in out]
 
     def shutdown(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -26,8 +26,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from paratrain.checkpoint import CheckpointError
 from paratrain.parallel.memory_policy import clean_name
-from paratrain.training.checkpoint import CheckpointError
 
 DIRNAME = "dcp"
 

@@ -33,8 +33,8 @@ AC_PREFIX = "_checkpoint_wrapped_module."
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated Transformer blocks: ``layer_modules()`` when the model has it (paratrain's
-    models, pipeline chunks of them, prepared user models), else every ModuleDict entry
-    holding one of paratrain's attention layers."""
+    models, pipeline chunks of them), else every ModuleDict entry holding one of paratrain's
+    attention layers."""
     if callable(getattr(model, "layer_modules", None)):
         return [b for b in model.layer_modules() if b is not None]
     return [b for c in model.modules() if isinstance(c, nn.ModuleDict) for b in c.values()
@@ -50,8 +50,9 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     raise ValueError("block not found in model")
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
-    """Wrap blocks ("full") or attention cores ("selective") for recomputation; returns how many.
+def apply_activation_checkpointing(model: nn.Module, mode: str, blocks: list[nn.Module] | None = None) -> int:
+    """Wrap ``blocks`` (default: the model's own, see :func:`_blocks`) ("full") or attention cores
+    ("selective") for recomputation; returns how many.
 
     Idempotent: modules already wrapped are left alone.  Parameter names gain the
     ``_checkpoint_wrapped_module.`` infix ("full"); state dicts do not (the wrapper strips it).
@@ -60,7 +61,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
         return 0
     n = 0
     if mode == "full":
-        for block in _blocks(model):
+        for block in blocks if blocks is not None else _blocks(model):
             if not isinstance(block, CheckpointWrapper):
                 _replace(model, block, checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
                 n += 1

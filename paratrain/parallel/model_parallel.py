@@ -1,16 +1,12 @@
-"""ZeRO, tensor, pipeline parallel and their combinations: one strategy per layout.
+"""The gradient sync of ZeRO-2/3, tensor parallel, pipeline parallel and their combinations.
 
-Order of application in :meth:`ModelParallelStrategy.wrap` (fixed):
-
-1. pipeline split (``pp > 1``): this rank keeps its chunk(s) of the layer stack;
-2. tensor parallel (``tp > 1``) on every chunk, over the mesh's ``tp`` axis;
-3. activation checkpointing (``train.activation_checkpointing``) per block;
-4. the data-parallel axis: FSDP2 (ZeRO 2/3, and the dp axis of dp x tp), or - with a
-   pipeline - a bucketed gradient all-reduce after the last microbatch.
-
-ZeRO-1 alone is DDP + ZeroRedundancyOptimizer (:class:`Zero1Strategy`).  Every layout
-checkpoints through DCP (see :mod:`paratrain.parallel.dist_checkpoint`), so a checkpoint
-from one layout resumes under any other.
+:func:`~paratrain.parallel.parallelize` lays the model out (pipeline split, TP, AC, FSDP2);
+:class:`ModelParallelSync` then runs the steps: the pipeline schedule when there is one,
+gradient norms over DTensor shards and stages, a bucketed all-reduce of a pipeline's
+gradients over the dp axis, and reductions only over the ranks that hold distinct results.
+ZeRO-1 alone is DDP + ZeroRedundancyOptimizer (:class:`~paratrain.parallel.sharding.Zero1Sync`).
+Every such layout checkpoints through DCP (see :mod:`paratrain.parallel.dist_checkpoint`), so a
+checkpoint from one layout resumes under any other.
 """
 
 from __future__ import annotations
@@ -26,10 +22,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from paratrain.config import Config, ConfigError
+from paratrain.config import Config
+from paratrain.grad_compression.hooks import ring_allreduce_bytes
 from paratrain.parallel.dims import ParallelDims
-from paratrain.parallel.memory_policy import apply_activation_checkpointing
-from paratrain.parallel.strategy import Strategy
+from paratrain.parallel.sync import GradSync
 
 
 def layout_name(cfg: Config, dims: ParallelDims) -> str:
@@ -61,7 +57,7 @@ def allreduce_mean_(grads: list[torch.Tensor], group, world: int, bucket_bytes: 
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat, group=group)
         flat.div_(world)
-        sent += 2 * (world - 1) * flat.numel() * flat.element_size() // world
+        sent += ring_allreduce_bytes(flat.numel() * flat.element_size(), world)
         off = 0
         for g in bucket:
             g.copy_(flat[off: off + g.numel()].view_as(g))
@@ -120,7 +116,7 @@ class PipelineModel(nn.Module):
         raise RuntimeError("a pipeline-parallel model is driven by its schedule, not called directly")
 
 
-class ModelParallelStrategy(Strategy):
+class ModelParallelSync(GradSync):
     """ZeRO 2/3 (FSDP2), tensor parallel, pipeline parallel, and their combinations."""
 
     uses_dcp = True
@@ -128,61 +124,12 @@ class ModelParallelStrategy(Strategy):
     def __init__(self, cfg: Config, dims: ParallelDims) -> None:
         super().__init__(cfg, dims)
         self.name = layout_name(cfg, dims)
-        self.pipe = None
-        self.fsdp = False
+        self.pipe = None  # the pipeline runner, set by parallelize() when pp > 1
+        self.fsdp = False  # whether parallelize() sharded the model with FSDP2
         p = cfg.parallel
         self.loss_parallel = p.loss_parallel and dims.tp > 1 and dims.pp == 1
         # TP's gathered logits are a view; the trainer never modifies them in place
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-
-    # ---- setup ---------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return model  # activation checkpointing goes after tensor parallel, inside wrap()
-
-    def _transform(self, model: nn.Module) -> nn.Module:
-        """Tensor parallel, then activation checkpointing, on the whole model or one chunk."""
-        d = self.dims
-        if d.tp > 1:
-            from paratrain.parallel.tensor_parallel import apply_tensor_parallel
-
-            apply_tensor_parallel(model, d.axis_mesh("tp"), loss_parallel=self.loss_parallel)
-        apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
-        return model
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        d, p = self.dims, self.cfg.parallel
-        from paratrain.parallel.meta_init import has_meta, materialize
-
-        meta = has_meta(model)  # a meta-device build (ZeRO-3): FSDP2 shards first, then each rank fills its shards
-        if not meta:
-            model = model.to(d.device)
-        if d.pp > 1:
-            from paratrain.models import GPT
-            from paratrain.parallel.pipeline import PipelineRunner
-
-            m = p.microbatches or d.pp
-            split = getattr(model, "paratrain_pp_split", None)
-            if split is not None and not isinstance(model, GPT):
-                from paratrain.parallel.pipeline_foreign import ForeignPipelineRunner
-
-                example, loss_fn = model.paratrain_pp_example
-                self.pipe = ForeignPipelineRunner(model, d, p.pp_schedule, m, p.virtual_stages, split, example,
-                                                  loss_fn)
-                return PipelineModel(self.pipe.chunks)
-            if not isinstance(model, GPT):
-                raise ConfigError(f"pipeline parallel supports paratrain's GPT only, not {type(model).__name__}; "
-                                  "use tp or zero for this model")
-            self.pipe = PipelineRunner(model, d, p.pp_schedule, m, p.virtual_stages, self._transform)
-            return PipelineModel(self.pipe.chunks)
-        model = self._transform(model)
-        if d.dp > 1:
-            from paratrain.parallel.sharding import apply_fsdp
-
-            apply_fsdp(model, model.layer_modules(), d.axis_mesh("dp"), p.zero, p.cpu_offload)
-            self.fsdp = True
-        if meta:
-            materialize(model, d.device, self.cfg.run.seed)
-        return model
 
     def dcp_modules(self, model: nn.Module) -> list[nn.Module]:
         return list(model.chunks.values()) if isinstance(model, PipelineModel) else [model]
@@ -275,12 +222,3 @@ class ModelParallelStrategy(Strategy):
                                "bubble_theory": theory, "bubble_measured": float(t[0] / t[1]),
                                "bubble_measured_rank0": measured}
         return out
-
-
-def build_model_parallel_strategy(cfg: Config, dims: ParallelDims) -> Strategy:
-    """The strategy for a config with ``tp > 1``, ``pp > 1`` or ``zero > 0``."""
-    if cfg.parallel.zero == 1 and dims.tp == 1 and dims.pp == 1:
-        from paratrain.parallel.sharding import Zero1Strategy
-
-        return Zero1Strategy(cfg, dims)
-    return ModelParallelStrategy(cfg, dims)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from paratrain.training.loss import token_loss_sum
+from paratrain.models.loss import token_loss_sum
 
 
 def _numel(m: nn.Module | None) -> int:

@@ -26,8 +26,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, 
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from paratrain.config import Config
-from paratrain.parallel.data_parallel import DDPStrategy
-from paratrain.parallel.strategy import unwrap
+from paratrain.parallel.data_parallel import DDPSync
+from paratrain.parallel.sync import unwrap
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
@@ -48,7 +48,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-class Zero1Strategy(DDPStrategy):
+class Zero1Sync(DDPSync):
     """ZeRO stage 1: DDP gradients, optimizer state sharded with ZeroRedundancyOptimizer."""
 
     name = "zero1"

@@ -78,13 +78,13 @@ def model_plan(model: nn.Module, loss_parallel: bool = False) -> dict[str, Paral
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, loss_parallel: bool = False) -> nn.Module:
-    """Shard ``model`` in place over ``tp_mesh`` (a 1-D DeviceMesh); re-tie a tied LM head.
-
-    A user model brings its own plan (``model.paratrain_tp_plan``, set by the Python API)."""
+def apply_tensor_parallel(model: nn.Module, tp_mesh, loss_parallel: bool = False,
+                          plan: dict[str, ParallelStyle] | None = None) -> nn.Module:
+    """Shard ``model`` in place over ``tp_mesh`` (a 1-D DeviceMesh) by ``plan`` (default: the plan of
+    paratrain's models, :func:`model_plan`); re-tie a tied LM head."""
     tied = (getattr(model, "lm_head", None) is not None and getattr(model, "tok_emb", None) is not None
             and model.lm_head.weight is model.tok_emb.weight)
-    plan = getattr(model, "paratrain_tp_plan", None) or model_plan(model, loss_parallel)
+    plan = plan if plan is not None else model_plan(model, loss_parallel)
     parallelize_module(model, tp_mesh, plan)
     if tied:
         # both were distributed as Shard(0) over the vocabulary: share the one DTensor again

@@ -121,7 +121,7 @@ def calibrate(cfg: Config, spec: ModelSpec, hw: HardwareSpec, threads: int, micr
 
     from paratrain.data import build_data
     from paratrain.models import build_model
-    from paratrain.training.loss import lm_loss_sum
+    from paratrain.models.loss import lm_loss_sum
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

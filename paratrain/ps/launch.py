@@ -2,10 +2,10 @@
 
 Local (``paratrain train`` with ``parallel.sync = "ps"``): :func:`local_servers` starts
 ``ps.servers`` server processes (restarting any that dies, from its newest checkpoint of this
-job) and puts their endpoints and the shared secret into the environment; :func:`launch_local`
-starts ``parallel.nproc`` workers itself rather than through torch's elastic agent, because
-the agent stops every worker when one fails -- here a dead worker is dropped and the rest go
-on (``parallel.max_restarts`` > 0 restarts it; it rejoins and pulls fresh parameters).
+job) and puts their endpoints and the shared secret into the environment; the launcher then
+runs the workers under its supervisor with the ``"each"`` policy: a dead worker is dropped
+and the rest go on (``parallel.max_restarts`` > 0 restarts it; it rejoins and pulls fresh
+parameters).
 
 torchrun (multi-host, same config everywhere): ranks ``0 .. ps.servers-1`` are servers, the
 rest are workers (worker rank = RANK - ps.servers).  Servers publish their address in the
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
-import logging
 import os
 import secrets
 import shutil
@@ -35,17 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from paratrain.config import Config, ConfigError
+from paratrain.processes import die_with_parent
 from paratrain.ps.strategy import ENDPOINTS_ENV, SECRET_ENV
 
 MAX_SERVER_RESTARTS = 10
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def _pdeathsig() -> None:  # runs in the child before exec: die with the launcher
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def free_ports(host: str, n: int) -> list[int]:
@@ -68,7 +60,7 @@ def _connect_host(bind: str) -> str:
 
 def resume_source(cfg: Config) -> Path | None:
     """The checkpoint the trainer will resume from (so servers start from the same one)."""
-    from paratrain.training import checkpoint as ckpt
+    from paratrain import checkpoint as ckpt
 
     if cfg.checkpoint.path:
         return Path(cfg.checkpoint.path)
@@ -121,7 +113,7 @@ class ServerGroup:
         env = dict(os.environ, **{SECRET_ENV: self.secret, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
         with open(log, "ab") as out:
             self.procs[i] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=out,
-                                             preexec_fn=_pdeathsig)
+                                             preexec_fn=lambda: die_with_parent(signal.SIGTERM))
 
     def _watch(self) -> None:
         while not self.stopping.wait(0.1):
@@ -183,72 +175,6 @@ def local_servers(cfg: Config, n_workers: int | None = None) -> Iterator[ServerG
                 os.environ[k] = v
 
 
-# ---- local workers --------------------------------------------------------------------------------
-def _spawn_worker(config_path: Path, rank: int, world: int, restart: int,
-                  worker_args: tuple[str, ...] = ()) -> subprocess.Popen:
-    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-               LOCAL_WORLD_SIZE=str(world), TORCHELASTIC_RESTART_COUNT=str(restart))
-    return subprocess.Popen([sys.executable, "-m", "paratrain.training.worker_main", str(config_path), *worker_args],
-                            env=env, preexec_fn=_pdeathsig)
-
-
-def _why(code: int) -> str:
-    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-
-
-def launch_local(cfg: Config, run_dir: Path, worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Servers + ``parallel.nproc`` workers on this machine (``worker_args`` go after the config
-    path); returns rank 0's summary."""
-    from paratrain.training.trainer import write_summary
-
-    t0 = float(os.environ.get("PARATRAIN_START_TIME", time.time()))
-    world, max_restarts = cfg.parallel.nproc, cfg.parallel.max_restarts
-    config_path = run_dir / "config.toml"
-    failures: dict[int, str] = {}
-    procs: dict[int, subprocess.Popen] = {}
-    with local_servers(cfg, world):
-        try:
-            procs = {r: _spawn_worker(config_path, r, world, 0, worker_args) for r in range(world)}
-            restarts = dict.fromkeys(range(world), 0)
-            while procs:
-                time.sleep(0.1)
-                for r, p in list(procs.items()):
-                    code = p.poll()
-                    if code is None:
-                        continue
-                    del procs[r]
-                    if code == 0:
-                        continue
-                    if restarts[r] < max_restarts:
-                        restarts[r] += 1
-                        print(f"paratrain: worker {r} {_why(code)}; restarting it ({restarts[r]}/{max_restarts})",
-                              file=sys.stderr)
-                        procs[r] = _spawn_worker(config_path, r, world, restarts[r], worker_args)
-                        continue
-                    failures[r] = _why(code)
-                    if r == 0:  # rank 0 reports the run: without it the job cannot finish cleanly
-                        break
-                    print(f"paratrain: worker {r} {failures[r]}; the others go on without it", file=sys.stderr)
-                if 0 in failures:
-                    break
-        finally:
-            for p in procs.values():
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-    summary_path = run_dir / "summary.json"
-    if 0 in failures or not summary_path.exists():
-        why = "; ".join(f"rank {r}: {f}" for r, f in sorted(failures.items())) or "no summary written"
-        summary = {"status": "error", "error": f"worker failed: {why}", "wall_s": time.time() - t0}
-        write_summary(run_dir, summary)
-        return summary
-    summary = json.loads(summary_path.read_text())
-    if failures:
-        summary["ps_failed_workers"] = {str(r): f for r, f in sorted(failures.items())}
-        write_summary(run_dir, summary)
-    return summary
-
-
 # ---- torchrun ------------------------------------------------------------------------------------
 def _advertise_host(master: str) -> str:
     """This host's address as seen on the route to the rendezvous master."""
@@ -258,12 +184,13 @@ def _advertise_host(master: str) -> str:
     return socket.gethostbyname(socket.gethostname())
 
 
-def run_torchrun_role(cfg: Config) -> dict[str, Any]:
-    """Under torchrun: be server ``RANK`` (< ps.servers) or worker ``RANK - ps.servers``."""
+def run_torchrun_role(cfg: Config) -> dict[str, Any] | None:
+    """Under torchrun: serve as server ``RANK`` (< ps.servers) and return its summary, or -- for a
+    worker -- publish nothing, point this process at the servers (``RANK`` becomes
+    ``RANK - ps.servers``) and return None so the caller trains."""
     import torch.distributed as dist
 
-    from paratrain.ps.server import ParameterServer
-    from paratrain.training.trainer import run_worker
+    from paratrain.ps.server_main import run_server
 
     rank, world, n_servers = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg.ps.servers
     if world <= n_servers:
@@ -276,35 +203,20 @@ def run_torchrun_role(cfg: Config) -> dict[str, Any]:
     master, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     store = dist.TCPStore(master, port, is_master=False, timeout=datetime.timedelta(seconds=300))
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "job")
-    prefix = f"paratrain/ps/{run_id}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    prefix = f"paratrain/ps/{run_id}/{restarts}"
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     if rank < n_servers:
         bind = cfg.ps.bind
         host = _connect_host(bind) if bind in LOOPBACK else _advertise_host(master)
         p = cfg.ps.port + rank if cfg.ps.port else free_ports(_connect_host(bind), 1)[0]
-        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        initial = resume_source(cfg)
-        resume = None
-        if restarts:
-            from paratrain.ps.server_main import find_resume
-
-            resume = find_resume(cfg.run_dir, rank, None)
-        elif initial is not None and (initial / f"ps_server{rank}.pt").is_file():
-            resume = initial / f"ps_server{rank}.pt"
         (cfg.run_dir / "ps").mkdir(exist_ok=True)
-        log = logging.getLogger(f"paratrain.ps.server{rank}")
-        log.addHandler(logging.FileHandler(cfg.run_dir / "ps" / f"server{rank}.log"))
-        log.handlers[-1].setFormatter(logging.Formatter(f"%(asctime)s server{rank} %(levelname)s %(message)s"))
-        log.setLevel(logging.INFO)
-        server = ParameterServer(cfg, rank, f"tcp://{bind}:{p}", secret.encode(), world - n_servers, n_servers,
-                                 restarts, resume, log=log, exit_when_done=True)
-        store.set(f"{prefix}/server{rank}", f"tcp://{host}:{p}")
-        try:
-            server.serve()
-        finally:
-            server.close()
+        log_path = cfg.run_dir / "ps" / f"server{rank}.log"
+        run_server(cfg, rank, f"tcp://{bind}:{p}", secret.encode(), world - n_servers, n_servers,
+                   restart_count=restarts, initial=resume_source(cfg), log_path=log_path, exit_when_done=True,
+                   on_ready=lambda _: store.set(f"{prefix}/server{rank}", f"tcp://{host}:{p}"))
         return {"status": "ok", "role": f"server {rank}"}
     endpoints = [store.get(f"{prefix}/server{i}").decode() for i in range(n_servers)]
     os.environ.update({"RANK": str(rank - n_servers), "WORLD_SIZE": str(world - n_servers),
                        ENDPOINTS_ENV: ",".join(endpoints), SECRET_ENV: secret})
-    return run_worker(cfg)
+    return None

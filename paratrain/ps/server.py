@@ -393,13 +393,3 @@ class ParameterServer(UpdateRules):
             self._check_round()
             self._release_held()
         self._check_collective()
-
-
-
-
-if __name__ == "__main__":  # ``python -m paratrain.ps.server`` works too
-    import sys
-
-    from paratrain.ps.server_main import main
-
-    sys.exit(main())

@@ -12,11 +12,13 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from paratrain.config import Config
+from paratrain.processes import die_with_parent
 from paratrain.ps.server import SECRET_ENV, ParameterServer, shard_file
 
 
@@ -25,7 +27,7 @@ def find_resume(run_dir: Path, index: int, job_id: str | None) -> Path | None:
 
     With ``job_id`` only checkpoints written by that job count (a restart must not pick up a
     previous run's state)."""
-    from paratrain.training import checkpoint as ckpt
+    from paratrain import checkpoint as ckpt
 
     for d in reversed(ckpt.list_checkpoints(run_dir / "checkpoints")):
         f = d / shard_file(index)
@@ -41,17 +43,37 @@ def find_resume(run_dir: Path, index: int, job_id: str | None) -> Path | None:
     return None
 
 
-def _set_parent_death_signal() -> None:
-    try:
-        import ctypes
+def run_server(cfg: Config, index: int, endpoint: str, secret: bytes, n_workers: int, n_servers: int, *,
+               restart_count: int = 0, initial: Path | None = None, job_id: str = "", log_path: Path | None = None,
+               exit_when_done: bool = False, on_ready: Callable[[str], None] | None = None) -> None:
+    """Be parameter server ``index`` until the job ends: the one way a server starts (a process of
+    the local launcher, or a rank under torchrun).
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    A restarted server (``restart_count`` > 0) resumes from the newest checkpoint of this job
+    holding its shard; a first start from ``initial`` (the checkpoint the job resumes from), if any.
+    ``on_ready(endpoint)`` runs once the server listens."""
+    log = logging.getLogger(f"paratrain.ps.server{index}")
+    if log_path is not None:
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s server{index} %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    resume = find_resume(cfg.run_dir, index, job_id or None) if restart_count > 0 else None
+    if resume is None and initial is not None:
+        f = Path(initial) / shard_file(index)
+        resume = f if f.is_file() else None
+    server = ParameterServer(cfg, index, endpoint, secret, n_workers, n_servers, restart_count, resume, job_id,
+                             log=log, exit_when_done=exit_when_done)
+    if on_ready is not None:
+        on_ready(server.endpoint)
+    try:
+        server.serve()
+    finally:
+        server.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m paratrain.ps.server")
+    p = argparse.ArgumentParser(prog="python -m paratrain.ps.server_main")
     p.add_argument("--config", required=True)
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--endpoint", required=True)
@@ -63,31 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", default="")
     p.add_argument("--exit-when-done", action="store_true")
     a = p.parse_args(argv)
-    _set_parent_death_signal()
+    die_with_parent(signal.SIGTERM)
     torch.set_num_threads(1)
     cfg = Config.load(a.config)
-    handlers = [logging.FileHandler(a.log)] if a.log else [logging.StreamHandler(sys.stderr)]
-    logging.basicConfig(level=logging.INFO, handlers=handlers,
-                        format=f"%(asctime)s server{a.index} %(levelname)s %(message)s")
+    if not a.log:
+        logging.basicConfig(level=logging.INFO, handlers=[logging.StreamHandler(sys.stderr)],
+                            format=f"%(asctime)s server{a.index} %(levelname)s %(message)s")
     secret = os.environ.get(SECRET_ENV, "") or cfg.ps.secret
     if len(secret) < 16:
         print(f"paratrain: error: the parameter-server secret (ps.secret or {SECRET_ENV}) must be at least "
               "16 characters", file=sys.stderr)
         return 2
-    resume = None
-    if a.restart_count > 0:  # restarted after a crash: the newest checkpoint this job wrote
-        resume = find_resume(cfg.run_dir, a.index, a.job_id or None)
-    if resume is None and a.resume:  # the checkpoint the job started from
-        f = Path(a.resume) / shard_file(a.index)
-        resume = f if f.is_file() else None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server = ParameterServer(cfg, a.index, a.endpoint, secret.encode(), a.workers, a.servers, a.restart_count,
-                             resume, a.job_id, exit_when_done=a.exit_when_done)
-    print(f"READY {server.endpoint}", flush=True)
-    try:
-        server.serve()
-    finally:
-        server.close()
+    run_server(cfg, a.index, a.endpoint, secret.encode(), a.workers, a.servers, restart_count=a.restart_count,
+               initial=Path(a.resume) if a.resume else None, job_id=a.job_id, log_path=Path(a.log) if a.log else None,
+               exit_when_done=a.exit_when_done, on_ready=lambda ep: print(f"READY {ep}", flush=True))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``parallel.sync = "ps"``: the trainer's Strategy for parameter-server training.
+"""``parallel.sync = "ps"``: the gradient sync of parameter-server training (:class:`PSSync`).
 
 The model stays a plain module on each worker.  ``forward_backward`` computes this worker's
 mean gradient over its local batch; ``step`` hands it to :class:`~paratrain.ps.worker.PSWorker`,
@@ -28,14 +28,14 @@ from torch import nn
 
 from paratrain.config import Config
 from paratrain.data.user_data import tokens_in
+from paratrain.models.loss import count_labels
 from paratrain.parallel.dims import ParallelDims
-from paratrain.parallel.strategy import Strategy
+from paratrain.parallel.sync import GradSync
 from paratrain.ps.client import PSClient, PSError
 from paratrain.ps.placement import ParamInfo, place
 from paratrain.ps.protocol import Msg
 from paratrain.ps.wire import PushEncoder
 from paratrain.ps.worker import PSWorker
-from paratrain.training.loss import count_labels
 
 ENDPOINTS_ENV = "PARATRAIN_PS_ENDPOINTS"
 SECRET_ENV = "PARATRAIN_PS_SECRET"
@@ -66,7 +66,7 @@ def param_infos(model: nn.Module, optimizer: str) -> tuple[list[nn.Parameter], l
     return params, infos
 
 
-class PSStrategy(Strategy):
+class PSSync(GradSync):
     """Data-parallel workers around parameter servers (sync / async / ssp)."""
 
     def __init__(self, cfg: Config, dims: ParallelDims):
@@ -97,11 +97,9 @@ class PSStrategy(Strategy):
         self._comm_taken = 0
         self._workers_at, self._logs_since_stats = -1e9, 0
         self._stats_cache: list[dict[str, Any]] = []
-        dims.ops = self  # checkpoint barriers, gathers and sync-mode sums go through server 0
 
     # ---- setup ----------------------------------------------------------------------------------
-    def wrap(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.dims.device)
+    def attach(self, model: nn.Module) -> None:
         self.model = model
         opt = self.cfg.ps.optimizer or self.cfg.train.optimizer
         self.params, infos = param_infos(model, opt)
@@ -111,7 +109,6 @@ class PSStrategy(Strategy):
         if biggest > limit:
             raise PSError(f"one server's share of the model is {biggest:.1f} MB but ps.max_message_mb = {limit}; "
                           "raise it or add servers")
-        return model
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return RemoteOptimizer(self.cfg.train.lr)
@@ -176,12 +173,12 @@ class PSStrategy(Strategy):
         self.last_save_clock = w.clock
 
     def load_extra(self, ckpt_dir: Path) -> None:
-        from paratrain.training import checkpoint as ckpt
+        from paratrain import checkpoint as ckpt
 
         self.resume_clock = int(ckpt.load_file(Path(ckpt_dir), "meta.json")["step"])
         self.last_save_clock = self.resume_clock
 
-    # ---- collectives (ParallelDims.ops) ---------------------------------------------------------------
+    # ---- collectives: checkpoint barriers, gathers and sync-mode sums go through server 0 ----------
     def _collect(self, op: str, values: list[float]) -> dict[str, Any]:
         meta = {"op": op, "values": values, "stats": self._worker_stats()}
         return self._connect().request(0, Msg.COLLECT, meta)

@@ -1,9 +1,17 @@
-"""Starting a run: in this process, as one rank of a torchrun job, or as N local workers.
+"""Starting a run: the one dispatcher behind ``paratrain train`` and ``paratrain.train()``.
 
-``paratrain train`` without RANK/WORLD_SIZE in the environment prepares the run dir and
-the data cache once, then starts ``parallel.nproc`` workers through torch's elastic agent
-(the engine behind torchrun), which also restarts them up to ``parallel.max_restarts``
-times.  Under torchrun each process is already a rank and trains directly.
+:func:`launch` decides where this process stands:
+
+* under torchrun (RANK / WORLD_SIZE set) it is one rank: a worker, or -- with
+  ``parallel.sync = "ps"`` -- a parameter server when ``RANK < ps.servers``;
+* otherwise it is the launcher: it verifies the checkpoint a resume would load, writes the run
+  dir and the token cache once, and then either trains in this process (one worker, no
+  servers) or starts the local job -- parameter servers if any, and ``parallel.nproc`` workers
+  under the :class:`~paratrain.training.supervisor.Supervisor`.
+
+A Python caller's objects (model factory, loss, data) travel as ``injected``: in-process they
+are used as they are; to worker processes they go pickled through a private temp dir
+(:mod:`paratrain.training.handoff`), which also brings back a worker's one-line user error.
 """
 
 from __future__ import annotations
@@ -11,14 +19,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from paratrain.config import Config
+from paratrain import checkpoint as ckpt
+from paratrain.config import Config, ConfigError
+from paratrain.training.handoff import read_error, save_injected
+from paratrain.training.supervisor import JobResult, Supervisor
 from paratrain.training.trainer import run_worker, write_summary
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one rank of a job torchrun (or another launcher) started."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -29,7 +47,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def _prepare_data(cfg: Config) -> None:
+def prepare_data(cfg: Config) -> None:
     """Build the token cache once, before any worker starts (workers then only memmap it)."""
     from paratrain.data import cached_corpus
 
@@ -38,10 +56,8 @@ def _prepare_data(cfg: Config) -> None:
         cached_corpus(src, cfg.data.tokenizer)
 
 
-def _check_resume(cfg: Config) -> None:
+def check_resume(cfg: Config) -> None:
     """Verify the checkpoint a resume would load here, so corruption is a clean user error."""
-    from paratrain.training import checkpoint as ckpt
-
     c = cfg.checkpoint
     if c.path:
         ckpt.verify(Path(c.path))
@@ -51,98 +67,92 @@ def _check_resume(cfg: Config) -> None:
             ckpt.verify(found)
 
 
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+def launch(cfg: Config, injected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run training per ``cfg``; returns rank 0's summary (or an error summary).
 
-
-def launch(cfg: Config) -> dict[str, Any]:
-    """Run training per the config; returns rank 0's summary (or an error summary)."""
+    ``injected``: the Python API's objects (``model``, ``loss_fn``, ``train_data``, ``val_data``,
+    ``tp_plan``, ``pp_split``), already validated by :func:`paratrain.train`.
+    """
+    start_time = time.time()
+    injected = dict(injected or {})
+    own_data = "train_data" not in injected
     if under_torchrun():
-        os.environ.setdefault("PARATRAIN_START_TIME", repr(time.time()))
-        from paratrain.doctor import multi_host_warning
-
-        if (warning := multi_host_warning()) and os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"paratrain: warning: {warning}", file=sys.stderr)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ["RANK"]) == 0:
             prepare_run_dir(cfg)
-        _prepare_data(cfg)
+            _warn_multi_host()
+        if own_data:
+            prepare_data(cfg)
         if cfg.parallel.sync == "ps":  # roles by rank: servers first, then workers
             from paratrain.ps.launch import run_torchrun_role
 
-            return run_torchrun_role(cfg)
-        return run_worker(cfg)
-    os.environ["PARATRAIN_START_TIME"] = repr(time.time())
-    _check_resume(cfg)
+            if (server_summary := run_torchrun_role(cfg)) is not None:
+                return server_summary
+        return run_worker(cfg, start_time=start_time, **injected)
+    check_resume(cfg)
     run_dir = prepare_run_dir(cfg)
-    _prepare_data(cfg)
+    if own_data:
+        prepare_data(cfg)
     if cfg.parallel.nproc == 1 and cfg.parallel.sync != "ps":
-        return run_worker(cfg)
-    return spawn_workers(cfg, run_dir)
+        return run_worker(cfg, start_time=start_time, **injected)
+    return _run_local_job(cfg, run_dir, injected, start_time)
 
 
-def spawn_workers(cfg: Config, run_dir: Path, worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Start the local job: parameter servers + workers, or workers under torch's elastic agent."""
-    if cfg.parallel.sync == "ps":  # own worker spawner: a dead worker must not stop the others
-        from paratrain.ps.launch import launch_local
+def _warn_multi_host() -> None:
+    from paratrain.doctor import multi_host_warning
 
-        return launch_local(cfg, run_dir, worker_args)
-    return _launch_local(cfg, run_dir, worker_args)
+    if warning := multi_host_warning():
+        print(f"paratrain: warning: {warning}", file=sys.stderr)
 
 
-def _launch_local(cfg: Config, run_dir: Path, worker_args: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Start nproc local workers (``worker_args`` go after the config path) and wait for them."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+def _run_local_job(cfg: Config, run_dir: Path, injected: dict[str, Any], start_time: float) -> dict[str, Any]:
+    """Servers (for ``sync = "ps"``) and ``parallel.nproc`` supervised workers on this machine."""
+    handoff = Path(tempfile.mkdtemp(prefix="paratrain-handoff-"))
+    try:
+        args = ["--start-time", repr(start_time), "--handoff", str(handoff)]
+        if injected:
+            args += ["--injected", str(save_injected(handoff, injected, cfg.parallel.nproc))]
+        sup = Supervisor(run_dir / "config.toml", cfg.parallel.nproc, cfg.parallel.max_restarts, args)
+        if cfg.parallel.sync == "ps":
+            from paratrain.ps.launch import local_servers
 
-    t0 = float(os.environ["PARATRAIN_START_TIME"])
-    lc = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=cfg.parallel.nproc,
-        run_id=f"paratrain-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",
-        max_restarts=cfg.parallel.max_restarts,
-        monitor_interval=0.1,
-        start_method="spawn",
-    )
-    config_path = run_dir / "config.toml"
-    # workers read the resolved config from the run dir
-    with _worker_env(cfg):
-        try:
-            elastic_launch(lc, entrypoint=sys.executable)("-m", "paratrain.training.worker_main", str(config_path),
-                                                          *worker_args)
-        except ChildFailedError as e:
-            from paratrain.training.watchdog import read_diagnosis
-
-            failures = "; ".join(_describe_failure(r, f.exitcode) for r, f in sorted(e.failures.items()))
-            error = read_diagnosis(run_dir, since=t0) or f"worker failed: {failures}"
-            summary = {"status": "error", "error": error, "wall_s": time.time() - t0}
-            write_summary(run_dir, summary)
-            return summary
-    summary_path = run_dir / "summary.json"
-    return json.loads(summary_path.read_text()) if summary_path.exists() else {"status": "error"}
+            with local_servers(cfg, cfg.parallel.nproc):
+                result = sup.run("each")
+        else:
+            with _worker_env(cfg):
+                result = sup.run("group")
+        if (error := read_error(handoff)) is not None and not result.ok:
+            raise ConfigError(error)
+    finally:
+        shutil.rmtree(handoff, ignore_errors=True)
+    return _job_summary(run_dir, result, start_time)
 
 
-def _describe_failure(rank: int, exitcode: int) -> str:
-    import signal
+def _job_summary(run_dir: Path, result: JobResult, start_time: float) -> dict[str, Any]:
+    """Rank 0's summary, or an error summary naming the failed workers (and a hang diagnosis)."""
+    from paratrain.training.watchdog import read_diagnosis
 
-    if exitcode < 0:
-        return f"rank {rank} was killed by {signal.Signals(-exitcode).name}"
-    return f"rank {rank} exited with code {exitcode}"
+    path = run_dir / "summary.json"
+    done = path.exists() and path.stat().st_mtime >= start_time
+    if result.fatal or not done:
+        why = "; ".join(f"rank {r}: {f}" for r, f in sorted(result.failures.items())) or "no summary written"
+        error = read_diagnosis(run_dir, since=start_time) or f"worker failed: {why}"
+        summary = {"status": "error", "error": error, "wall_s": time.time() - start_time}
+        write_summary(run_dir, summary)
+        return summary
+    summary = json.loads(path.read_text())
+    if result.failures:  # parameter server: workers the job went on without
+        summary["ps_failed_workers"] = {str(r): f for r, f in sorted(result.failures.items())}
+        write_summary(run_dir, summary)
+    return summary
 
 
 @contextlib.contextmanager
-def _worker_env(cfg: Config):
-    """Environment the spawned workers inherit for the length of the launch.
+def _worker_env(cfg: Config) -> Iterator[None]:
+    """Environment the workers of a collective job inherit for the length of the launch.
 
     ZeRO runs get ``MALLOC_MMAP_THRESHOLD_`` (unless already set): with glibc's default, the
-    per-block buffers FSDP frees stay in the heap and sharding hardly lowers peak RSS.
-    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (read by the agent) gives each restart a fresh
-    c10d store: with the agent's shared store, restarted workers can read the dead attempt's
-    gloo addresses (same keys) and fail to connect (see docs/operations.md).
-    """
-    extra: dict[str, str] = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    per-block buffers FSDP frees stay in the heap and sharding hardly lowers peak RSS."""
+    extra: dict[str, str] = {}
     if cfg.parallel.zero > 0:
         from paratrain.parallel.sharding import MALLOC_ENV
 

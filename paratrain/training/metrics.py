@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def peak_rss_mb() -> float:
@@ -97,3 +98,10 @@ class Progress:
         if self.tty:
             sys.stdout.write("\n")
             sys.stdout.flush()
+
+
+def model_flops_per_token(model: nn.Module, seq_len: int, n_params: int) -> float:
+    """Training FLOPs per token (or per sample): the model's own ``flops_per_token(seq_len)`` when
+    it has one (paratrain's models count attention too), else 6 x parameters."""
+    own = getattr(model, "flops_per_token", None)
+    return float(own(seq_len)) if callable(own) else 6.0 * n_params

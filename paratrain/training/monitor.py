@@ -46,7 +46,7 @@ class Goodput:
 
     _REC = struct.Struct("<qd")  # step, wall time
 
-    def __init__(self, run_dir: Path, start_step: int):
+    def __init__(self, run_dir: Path, start_step: int, job_start: float | None = None):
         self.path = Path(run_dir) / GOODPUT_FILE
         self.run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
         self.attempt = restart_count()
@@ -63,7 +63,7 @@ class Goodput:
             self.pending = {"attempt": self.attempt, "failed_after_step": last_step,
                             "resumed_from_step": start_step, "failed_at": last_t}
         else:
-            self.job_start = float(os.environ.get("PARATRAIN_START_TIME", now))
+            self.job_start = job_start if job_start is not None else now
             self.recoveries = []
         self.last_step, self.last_step_t = start_step, now
         self._fd = os.open(progress, os.O_RDWR | os.O_CREAT, 0o644)
@@ -125,13 +125,13 @@ class RunMonitor:
     """Watchdog + goodput + TensorBoard for one rank; see the module docstring."""
 
     def __init__(self, cfg, dims, productive_s: float, start_step: int, peak_flops: float,
-                 flops_per_token: float):
+                 flops_per_token: float, job_start: float | None = None):
         self.is_main = dims.is_main
         self.world = dims.world_size
         self.productive_s = productive_s
         self.peak, self.flops_per_token = peak_flops, flops_per_token
         self.watchdog = start_watchdog(cfg.train.hang_timeout_s, dims.rank, dims.world_size, cfg.run_dir)
-        self.goodput = Goodput(cfg.run_dir, start_step) if self.is_main else None
+        self.goodput = Goodput(cfg.run_dir, start_step, job_start) if self.is_main else None
         self.tb = _tensorboard(cfg.run_dir) if self.is_main else None
 
     def step_end(self, step: int, step_s: float, record: dict[str, Any]) -> None:

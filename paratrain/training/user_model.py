@@ -19,8 +19,6 @@ Without a loss_fn the loss is chosen by what is trained on what:
 
 from __future__ import annotations
 
-import copy
-import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,14 +26,10 @@ import torch
 from torch import nn
 
 from paratrain.config import Config, ConfigError
-from paratrain.data import build_data, val_batches
 from paratrain.data.user_data import (
-    UserData,
     count_items,
-    train_source,
-    user_val_batches,
 )
-from paratrain.training.loss import IGNORE, eval_stats, token_loss_sum
+from paratrain.models.loss import IGNORE, eval_stats, token_loss_sum
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -98,10 +92,6 @@ def find_repeated_blocks(model: nn.Module, fsdp_block: str = "") -> list[nn.Modu
     return best[1] if best else []
 
 
-def _layer_modules(self: nn.Module) -> list[nn.Module]:
-    return find_repeated_blocks(self, self.paratrain_fsdp_block)
-
-
 def check_plans(cfg: Config, model_name: str, tp_plan: Any, pp_split: Any) -> None:
     """TP / PP of a foreign model need the user's plan; say so in one line when it is missing."""
     p = cfg.parallel
@@ -146,21 +136,6 @@ def check_meta(model: nn.Module, cfg: Config) -> None:
         raise ConfigError(f"{type(model).__name__} was built on the meta device: that needs parallel.zero = 3 "
                           f"(or 2) over dp > 1 ranks with tp = pp = 1, where each rank fills its own shards; build "
                           "it on the CPU otherwise")
-
-
-def prepare_foreign_model(model: nn.Module, cfg: Config, tp_plan: Any = None, pp_split: Any = None) -> nn.Module:
-    """Give a user model what the strategies look for: ``layer_modules()`` (found by
-    :func:`find_repeated_blocks`), ``paratrain_tp_plan`` and ``paratrain_pp_split``."""
-    p = cfg.parallel
-    check_plans(cfg, type(model).__name__, tp_plan, pp_split)
-    if not callable(getattr(type(model), "layer_modules", None)):
-        model.paratrain_fsdp_block = p.fsdp_block
-        model.layer_modules = types.MethodType(_layer_modules, model)
-    if p.fsdp_block:
-        find_repeated_blocks(model, p.fsdp_block)  # a name that matches nothing is a clear error now
-    model.paratrain_tp_plan = tp_plan
-    model.paratrain_pp_split = pp_split
-    return model
 
 
 # ---- calling models and losses ---------------------------------------------------------------
@@ -280,109 +255,3 @@ def own_models() -> tuple[type[nn.Module], ...]:
 
 def is_own_model(model: nn.Module) -> bool:
     return isinstance(model, own_models())
-
-
-class UserRun:
-    """Injected pieces for one rank: data source, model builder, loss, counts and evaluation.
-
-    ``loss_fn`` follows the trainer's convention (a loss *sum*, weighted by ``loss_fn.count(batch)``
-    when it has that attribute, else by the labelled tokens); :func:`paratrain.train` wraps a user's
-    mean loss in :class:`MeanLoss` before it gets here.
-    """
-
-    def __init__(self, cfg: Config, dp_rank: int, dp: int, *, model: Any = None, loss_fn: LossFn | None = None,
-                 train_data: Any = None, val_data: Any = None, tp_plan: Any = None,
-                 pp_split: Any = None) -> None:
-        self.cfg, self.dp_rank, self.dp = cfg, dp_rank, dp
-        self.model_spec, self.tp_plan, self.pp_split = model, tp_plan, pp_split
-        if loss_fn is not None and not callable(loss_fn):
-            raise ConfigError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
-        self.user_loss = loss_fn
-        self.val_data = val_data
-        self.own_data = train_data is None
-        if self.own_data:
-            self.data: Any = build_data(cfg, dp_rank, dp)
-        else:
-            self.data = UserData(train=train_source(train_data, cfg.data.batch_size, dp_rank, dp, cfg.run.seed),
-                                 val=val_data)
-        self.foreign = model is not None  # settled by build_model once a factory has run
-        self.arch = "custom" if self.foreign else cfg.model.arch
-        self.loss_fn: Any = None
-        self.count: Callable[[Any], int] = LogitsLoss.count
-
-    def build_model(self, vocab_size: int, pad_id: int) -> nn.Module:
-        """The model for this rank (call after seeding, so every rank builds the same weights);
-        also settles the loss."""
-        if self.model_spec is None:
-            from paratrain.models import build_model
-
-            if vocab_size <= 0:
-                raise ConfigError("set model.vocab_size to train paratrain's model on your own data")
-            model = build_model(self.cfg.model, vocab_size, pad_id)
-        elif self.cfg.parallel.meta_init:
-            from paratrain.parallel.meta_init import build_on_meta
-
-            if isinstance(self.model_spec, nn.Module):
-                raise ConfigError("parallel.meta_init = true needs a model factory (paratrain builds it on the meta "
-                                  "device), not a model instance")
-            model = build_on_meta(lambda: resolve_model(self.model_spec))
-        else:
-            model = resolve_model(self.model_spec)
-        check_meta(model, self.cfg)
-        self.foreign = not is_own_model(model)
-        self.arch = "custom" if self.foreign else self.cfg.model.arch
-        if self.foreign:
-            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-            if self.own_data and isinstance(vocab, int) and vocab < self.data.vocab_size:
-                raise ConfigError(f"the model's vocab_size = {vocab} is smaller than the tokenizer's "
-                                  f"{self.data.vocab_size} (data.source = {self.cfg.data.source!r})")
-            model = prepare_foreign_model(model, self.cfg, self.tp_plan, self.pp_split)
-        elif self.cfg.parallel.pp > 1:
-            self.cfg.check_model_layout()  # a factory that returned paratrain's own model
-        if self.user_loss is not None:
-            self.loss_fn = self.user_loss
-        elif self.foreign and not self.own_data:
-            self.loss_fn = MeanLoss(output_loss, "the model's loss")
-        else:
-            self.loss_fn = LogitsLoss()
-        self.count = getattr(self.loss_fn, "count", LogitsLoss.count)
-        if self.foreign and self.cfg.parallel.pp > 1:  # the pipeline is traced on the first batch
-            model.paratrain_pp_example = (self.first_batch(), self.loss_fn)
-        return model
-
-    def first_batch(self) -> Any:
-        """This rank's first training batch, read from a copy of the source (which is left as it was)."""
-        from paratrain.data.user_data import IterableBatches
-
-        src = copy.copy(self.data.train)
-        if isinstance(src, IterableBatches):
-            if src.one_shot:
-                raise ConfigError("pipeline parallel traces the model on the first batch: pass train_data as a "
-                                  "re-iterable (a list, Dataset or DataLoader), not an iterator")
-            src._it, src.epoch, src.group = None, 0, 0
-        return next(src)
-
-    @staticmethod
-    def flops_per_token(model: nn.Module, seq_len: int, n_params: int) -> float:
-        """The model's own estimate when it has one, else 6 x parameters (per token, or per sample)."""
-        own = getattr(model, "flops_per_token", None)
-        return float(own(seq_len)) if callable(own) else 6.0 * n_params
-
-    def val_batches(self, batch_size: int, max_batches: int) -> list | None:
-        """This rank's validation batches; None when there is nothing to evaluate."""
-        if self.val_data is not None:
-            return user_val_batches(self.val_data, batch_size, self.dp_rank, self.dp, max_batches)
-        if self.own_data:
-            return val_batches(self.data, batch_size, self.dp_rank, self.dp, max_batches)
-        return None
-
-    def eval_stats(self, model: nn.Module, batch: Any, strategy: Any) -> torch.Tensor:
-        """[loss sum, count, exact matches, samples] of one validation batch."""
-        ev = getattr(self.loss_fn, "eval_stats", None)
-        pipe = getattr(strategy, "pipe", None)
-        if self.foreign and hasattr(pipe, "eval_stats"):  # a traced pipeline: stats from the last stage
-            stats = ev or LogitsLoss().eval_stats
-            return pipe.eval_stats(batch, self.loss_fn, lambda m, b: stats(m, b, None))
-        if ev is not None:
-            return ev(model, batch, strategy)
-        return LogitsLoss().eval_stats(model, batch, strategy)

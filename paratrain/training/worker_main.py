@@ -1,11 +1,14 @@
-"""Entry point of one worker process started by the local launcher.
+"""Entry point of one worker process started by the local supervisor.
 
-``python -m paratrain.training.worker_main CONFIG [--injected FILE]``: FILE holds the model factory,
-loss and datasets handed over by ``paratrain.train`` (see :mod:`paratrain.training.handoff`).
+``python -m paratrain.training.worker_main CONFIG [--start-time T] [--handoff DIR] [--injected FILE]``:
+T is the job's start (wall clock, for goodput), DIR a private directory where a user error is
+reported back to the launcher, FILE the model factory, loss and datasets handed over by
+``paratrain.train`` (see :mod:`paratrain.training.handoff`).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -17,23 +20,28 @@ _HELD: list = []  # the trainer, kept alive until os._exit (see run_worker)
 
 
 def main(argv: list[str]) -> int:
-    injected_file = Path(argv[argv.index("--injected") + 1]) if "--injected" in argv else None
+    p = argparse.ArgumentParser(prog="python -m paratrain.training.worker_main")
+    p.add_argument("config")
+    p.add_argument("--start-time", type=float, default=None)
+    p.add_argument("--handoff", type=Path, default=None)
+    p.add_argument("--injected", type=Path, default=None)
+    a = p.parse_args(argv)
     try:
         injected = {}
-        if injected_file is not None:
+        if a.injected is not None:
             from paratrain.training.handoff import load_injected
 
-            injected = load_injected(injected_file)
+            injected = load_injected(a.injected)
         from paratrain.training.user_model import is_own_spec
 
-        cfg = Config.load(argv[0], own_model=is_own_spec(injected.get("model")))
-        run_worker(cfg, hold=_HELD, **injected)
+        cfg = Config.load(a.config, own_model=is_own_spec(injected.get("model")))
+        run_worker(cfg, start_time=a.start_time, hold=_HELD, **injected)
     except ConfigError as e:
         print(f"paratrain: error: {e}", file=sys.stderr)
-        if injected_file is not None:
+        if a.handoff is not None:
             from paratrain.training.handoff import write_error
 
-            write_error(injected_file.parent, str(e))
+            write_error(a.handoff, str(e))
         return 2
     return 0
 

@@ -1,9 +1,16 @@
-"""How a worker's gradients become an update: the interface every parallel strategy fills.
+"""Gradient synchronisation: how a rank's local gradients become an update.
 
-The trainer is written once against :class:`Strategy`: it asks the strategy to wrap the
-model, to skip gradient sync on accumulation micro-steps, and to turn local gradients
-into an optimizer step.  Data parallel, ZeRO, tensor/pipeline parallel and the parameter
-server are strategies; the training loop does not know which one it runs.
+The trainer is written once against :class:`GradSync`.  :func:`~paratrain.parallel.parallelize`
+applies the layout to the model and picks the sync that goes with it; the trainer then asks
+the sync to run forward + backward (skipping gradient sync on accumulation micro-steps), to
+turn gradients into an optimizer step, and to reduce the few numbers it reports.  The syncs:
+
+* :class:`GradSync` -- one process (this class);
+* ``DDPSync``, ``CompressedDDPSync``, ``OneBitAdamSync`` (:mod:`.data_parallel`) -- DDP's
+  all-reduce, a compressed all-reduce hook, or gradients kept local for 1-bit Adam;
+* ``Zero1Sync`` (:mod:`.sharding`) -- DDP + a sharded optimizer;
+* ``ModelParallelSync`` (:mod:`.model_parallel`) -- FSDP2, tensor and pipeline parallel;
+* ``PSSync`` (:mod:`paratrain.ps.strategy`) -- push / pull to parameter servers.
 """
 
 from __future__ import annotations
@@ -14,15 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from paratrain.config import Config
 from paratrain.parallel.dims import ParallelDims
-from paratrain.parallel.memory_policy import LossScaler, apply_activation_checkpointing
+from paratrain.parallel.memory_policy import LossScaler
 
 
-class Strategy:
-    """Single-process training; the base class of every parallel strategy."""
+class GradSync:
+    """Single-process training; the base class of every gradient sync."""
 
     name = "single"
     sharded_optimizer = False  # True: each rank checkpoints its own optimizer state
@@ -39,15 +47,9 @@ class Strategy:
                             if t.precision == "fp16" else None)
 
     # ---- setup ----------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Layout-independent memory policies, applied before :meth:`wrap` (activation
-        checkpointing); strategies that must apply them after tensor parallel override this."""
-        apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
-        return model
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """Apply the parallel layout to a single-device model; return what to call forward on."""
-        return model.to(self.dims.device)
+    def attach(self, model: nn.Module) -> None:
+        """Hook into the model once :func:`parallelize` has laid it out (DDP comm hooks, the
+        parameter servers' placement)."""
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The local optimizer over this rank's parameters."""
@@ -135,18 +137,38 @@ class Strategy:
         """The modules whose own parameter names are the single-device model's (DCP keys)."""
         return [unwrap(model)]
 
+    # ---- collectives over the ranks (the parameter server's go through server 0) --------------
+    def barrier(self) -> None:
+        if self.dims.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor, group: Any = None) -> torch.Tensor:
+        """Sum a small tensor over ranks (in place) and return it; no-op on one process."""
+        if self.dims.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+
+    def gather_floats(self, values: list[float]) -> list[list[float]]:
+        """All-gather a short list of floats from every rank (tensor collective, no pickling)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.dims.device)
+        if not self.dims.distributed:
+            return [t.tolist()]
+        out = [torch.empty_like(t) for _ in range(self.dims.world_size)]
+        dist.all_gather(out, t)
+        return [o.tolist() for o in out]
+
     # ---- metrics ----------------------------------------------------------------------------
     def reduce_loss_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum this step's loss over the ranks that hold distinct data (in place; the reported loss).
 
         Pipeline layouts override this: only the last stage has a loss."""
         if self.dims.dp > 1:
-            self.dims.all_reduce_sum(t, self.dims.dp_group)
+            self.all_reduce_sum(t, self.dims.dp_group)
         return t
 
     def reduce_eval_stats(self, stats: torch.Tensor) -> torch.Tensor:
         """Sum eval statistics over the ranks that hold distinct data."""
-        return self.dims.all_reduce_sum(stats) if self.dims.distributed else stats
+        return self.all_reduce_sum(stats) if self.dims.distributed else stats
 
     def step_metrics(self) -> dict[str, Any]:
         """Extra per-step fields for metrics.jsonl (e.g. staleness, pull latency)."""
@@ -161,7 +183,7 @@ class Strategy:
         if self.loss_scaler is None:
             return {}
         # every rank must have taken the same skip decisions
-        per_rank = self.dims.gather_floats([self.loss_scaler.scale, self.loss_scaler.skipped])
+        per_rank = self.gather_floats([self.loss_scaler.scale, self.loss_scaler.skipped])
         return {"fp16": {"loss_scale": [r[0] for r in per_rank], "skipped_steps": [int(r[1]) for r in per_rank]}}
 
     def close(self) -> None:
