@@ -21,6 +21,8 @@ import pytest
 
 from tests.conftest import TINY_MODEL
 
+pytestmark = pytest.mark.slow  # multi-process runs: `make test-fast` leaves them out
+
 SUBNET = "10.250.77"
 
 
