@@ -68,7 +68,7 @@ class TrainConfig:
     steps: int = 300  # optimizer steps
     lr: float = 3e-3  # peak learning rate (after warm-up)
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    optimizer: str = "adamw"  # adamw | sgd | onebit_adam (AdamW with 1-bit compressed momentum, data parallel)
+    optimizer: str = "adamw"  # AdamW, SGD with momentum, or onebit_adam (AdamW, 1-bit compressed momentum; plain DP)
     momentum: float = 0.9  # sgd momentum
     weight_decay: float = 0.01  # decoupled weight decay (adamw), L2 (sgd)
     warmup_steps: int = 20  # linear learning-rate warm-up steps
@@ -95,7 +95,7 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel degree (splits heads and d_ff)
     pp: int = 1  # pipeline-parallel stages (splits the layers)
     zero: int = 0  # ZeRO stage: 0 plain DDP, 1 sharded optimizer, 2 + gradients, 3 + parameters (FSDP2)
-    sync: str = "allreduce"  # allreduce: collective gradient sync | ps: parameter servers ([ps])
+    sync: str = "allreduce"  # gradient sync: allreduce (collectives between workers) or ps (parameter servers, [ps])
     max_restarts: int = 0  # times the local launcher restarts the workers after a failure
     pp_schedule: str = "1f1b"  # pipeline schedule: GPipe, one-forward-one-backward, or interleaved 1F1B
     microbatches: int = 0  # pipeline micro-batches per batch; 0: pp
@@ -132,8 +132,8 @@ class CompressionConfig:
     gradient: str = "none"  # gradient codec on the wire (docs/compression.md)
     topk_ratio: float = 0.01  # topk: share of gradient entries sent
     powersgd_rank: int = 2  # powersgd: rank of the low-rank factors
-    powersgd_vectors: str = "fp32"  # fp32 | int8: how PowerSGD sends what it cannot factor (biases, norms)
-    powersgd_exchange: str = "allreduce"  # allreduce (shared P, Q) | allgather (each rank's own factors)
+    powersgd_vectors: str = "fp32"  # how PowerSGD sends the tensors it cannot factor (biases, norms)
+    powersgd_exchange: str = "allreduce"  # all-reduce of shared factors P, Q, or all-gather of each rank's own
     powersgd_iterations: int = 1  # power iterations per step; > 1 only where a sender factorizes alone
     error_feedback: bool = True  # add what compression dropped to the next step's gradient
     int8_chunk: int = 1024  # int8: elements per scale
