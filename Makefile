@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup train test lint bench clean
+.PHONY: setup train test test-fast lint imports docs bench clean
 
 setup: $(STAMP)
 
@@ -23,11 +23,23 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/paratrain train
 
-test: $(STAMP)
+# everything: the import layering (pyproject's import-linter contracts), then the whole suite
+test: imports
 	$(PY) -m pytest tests
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check paratrain tests benchmarks
+# the quick loop (under 2 minutes): no multi-process runs (tests marked slow)
+test-fast: imports
+	$(PY) -m pytest tests -m "not slow"
+
+imports: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
+
+lint: imports
+	$(VENV)/bin/ruff check paratrain tests benchmarks examples
+
+# docs/config.md is generated from paratrain/config.py
+docs: $(STAMP)
+	$(PY) -m paratrain.config_docs > docs/config.md
 
 bench: $(STAMP)
 	$(PY) benchmarks/trainer_overhead.py

@@ -7,7 +7,7 @@ ZeRO 1/2/3, above a baseline (the same launch with a 2-layer, d_model = 32 model
 gloo, data, the DTensor/FSDP stack), next to the ZeRO paper's model-state prediction in its
 fp32 form (params 4 + grads 4 + Adam 8 bytes per parameter: DDP 16Ψ, ZeRO-1 8Ψ + 8Ψ/N,
 ZeRO-2 4Ψ + 12Ψ/N, ZeRO-3 16Ψ/N) plus the activations the formula below predicts.  Every
-run gets ``MALLOC_MMAP_THRESHOLD_=131072`` (see PLATFORM_NOTES.md "Memory").
+run gets ``MALLOC_MMAP_THRESHOLD_=131072`` (with glibc's default, FSDP2's freed buffers stay in the heap).
 
 activations: per-layer activation memory (RSS held after the forward, differenced over the
 layer count so weights and logits cancel) for AC none / selective / full, against Korthikanti

@@ -30,7 +30,7 @@ class TrainingFailed(RuntimeError):
 
 @dataclass
 class RunResult:
-    """What a run left behind: its directory and ``summary.json`` (see CONTRACT.md for the keys)."""
+    """What a run left behind: its directory and ``summary.json`` (docs/contract.md lists the keys)."""
 
     run_dir: Path
     summary: dict[str, Any] = field(default_factory=dict)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from paratrain.config import ConfigError
+from paratrain.errors import ConfigError
 from paratrain.fileio import sha256_file
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")

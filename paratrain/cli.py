@@ -1,7 +1,9 @@
-"""The ``paratrain`` command line: train, prepare, plan, compress, doctor, bench, report.
+"""The ``paratrain`` command line: train, config, prepare, plan, compress, doctor, bench, report.
 
 Exit codes: 0 ok; 2 user error (one line on stderr, no traceback); 1 internal error.
-Each verb lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``.
+Each verb lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``;
+the small ones live here (``LOCAL``).  Verbs in ``TAKES_OVERRIDES`` accept ``--section.key=value``
+(or ``--section.key value``) config overrides, which reach them as ``args.overrides``.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Callable
 
+from paratrain import __version__
 from paratrain.config import Config, ConfigError
+from paratrain.overrides import split_overrides
 
 # verb -> (module, one-line help).  Modules are imported only when their verb runs.
 VERBS: dict[str, tuple[str, str]] = {
     "train": ("paratrain.cli", "train a model (locally launches parallel.nproc workers)"),
+    "config": ("paratrain.cli", "print the resolved config (defaults, file, overrides) as TOML"),
     "prepare": ("paratrain.cli", "tokenize a corpus into memory-mapped token shards"),
     "plan": ("paratrain.planner.cli", "predict memory, step time and communication; pick the best layout"),
     "compress": ("paratrain.model_compression.cli", "prune, quantize and distill a trained checkpoint"),
@@ -35,8 +41,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
+    from paratrain.config_docs import render_help
+
+    p.usage = "%(prog)s [-c CONFIG] [--json] [--section.key=VALUE | --section.key VALUE ...]"
+    p.epilog = render_help()
     p.add_argument("-c", "--config", help="TOML config file (default: the built-in small GPT)")
     p.add_argument("--json", action="store_true", help="print summary.json to stdout at the end")
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.usage = "%(prog)s show [CONFIG] [-c CONFIG] [--section.key=VALUE ...]"
+    p.epilog = "Keys and their meanings: `paratrain train --help` or docs/config.md."
+    p.add_argument("action", choices=["show"], help="show: print the resolved config as TOML")
+    p.add_argument("file", nargs="?", metavar="CONFIG", help="TOML config file (default: the built-in config)")
+    p.add_argument("-c", "--config", help="the same, as an option")
 
 
 def _add_prepare(p: argparse.ArgumentParser) -> None:
@@ -48,10 +66,10 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory-mb", type=float, default=256.0, help="bound on the tokenizing buffer")
 
 
-def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     from paratrain.training.launch import launch
 
-    cfg = Config.load(args.config, overrides)
+    cfg = Config.load(args.config, args.overrides)
     summary = launch(cfg)
     if args.json:
         print(json.dumps(summary))
@@ -64,6 +82,13 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     vl = summary.get("val_loss")
     tail = f", val loss {vl:.4f}" if isinstance(vl, float) else ""
     print(f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}{tail} -> {cfg.run_dir}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.file and args.config:
+        raise UsageError("give the config file once: CONFIG or -c CONFIG")
+    print(Config.load(args.file or args.config, args.overrides).to_toml(), end="")
     return 0
 
 
@@ -92,38 +117,58 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# verbs implemented in this module: verb -> (add_arguments, main)
+LOCAL: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "train": (_add_train, cmd_train),
+    "config": (_add_config, cmd_config),
+    "prepare": (_add_prepare, cmd_prepare),
+}
+TAKES_OVERRIDES = {"train", "config"}
+
+
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; only the ``selected`` verb's module is imported for its options."""
-    parser = _Parser(prog="paratrain", description="Train large Transformers across processes and machines.")
+    """The argument parser; only the ``selected`` verb's options are built (and its module imported)."""
+    parser = _Parser(prog="paratrain", description="Train large Transformers across processes and machines.",
+                     epilog="`paratrain VERB --help` for a verb's options; config keys: `paratrain train --help`.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     for verb, (module, help_text) in VERBS.items():
-        p = sub.add_parser(verb, help=help_text, description=help_text)
-        if verb == "train":
-            _add_train(p)
-        elif verb == "prepare":
-            _add_prepare(p)
-        elif verb == selected:
+        p = sub.add_parser(verb, help=help_text, description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if verb != selected:
+            continue
+        if verb in LOCAL:
+            LOCAL[verb][0](p)
+        else:
             importlib.import_module(module).add_arguments(p)
     return parser
 
 
+def _run(argv: list[str]) -> int:
+    verb = argv[0] if argv else None
+    overrides: list[str] = []
+    if verb in TAKES_OVERRIDES:  # config overrides are not argparse options: split them off first
+        overrides, rest = split_overrides(argv[1:])
+        argv = [verb, *rest]
+    parser = build_parser(verb)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version
+        return int(e.code or 0)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    args.overrides = overrides
+    if args.verb in LOCAL:
+        return LOCAL[args.verb][1](args)
+    return int(importlib.import_module(VERBS[args.verb][0]).main(args) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``paratrain`` command line; the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser(argv[0] if argv else None)
-        if argv[:1] == ["train"]:
-            # --section.key=value overrides are not argparse options: split them off first
-            overrides = [a for a in argv[1:] if a.startswith("--") and "." in a.split("=", 1)[0]]
-            rest = [a for a in argv if a not in overrides]
-            args = parser.parse_args(rest)
-            return cmd_train(args, overrides)
-        args = parser.parse_args(argv)
-        if args.verb is None:
-            parser.print_help()
-            return 2
-        if args.verb == "prepare":
-            return cmd_prepare(args)
-        return int(importlib.import_module(VERBS[args.verb][0]).main(args) or 0)
+        return _run(argv)
     except ConfigError as e:
         print(f"paratrain: error: {e}", file=sys.stderr)
         return 2

@@ -9,144 +9,163 @@ get wrong raises :class:`ConfigError`, which the CLI turns into one line and exi
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from paratrain import config_checks
 from paratrain.errors import ConfigError
+from paratrain.overrides import parse_override, split_overrides, suggest, toml_value
+
+__all__ = ["Config", "ConfigError", "parse_override"]
 
 
 @dataclass
 class RunConfig:
-    name: str = "gpt-tiny"
-    dir: str = ""  # default: runs/<name>
-    seed: int = 1337
+    """Naming, output directory and seed of the run."""
+
+    name: str = "gpt-tiny"  # run name; the run directory defaults to runs/<name>
+    dir: str = ""  # run directory (config.toml, metrics.jsonl, summary.json, checkpoints/); empty: runs/<name>
+    seed: int = 1337  # seeds model initialisation, data order and dropout on every rank
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "gpt"  # gpt | seq2seq | bert
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    d_ff: int = 512
-    vocab_size: int = 0  # 0: taken from the data's tokenizer
-    max_seq_len: int = 256
-    dropout: float = 0.0
+    """paratrain's own model (ignored when you pass a model of your own to paratrain.train)."""
+
+    arch: str = "gpt"  # gpt: decoder-only LM; seq2seq: encoder-decoder (synthetic tasks); bert: masked LM
+    n_layer: int = 4  # Transformer blocks (the encoder's, for seq2seq)
+    n_head: int = 4  # attention heads; must divide d_model (with tp > 1, n_head and d_ff divide by tp)
+    d_model: int = 128  # hidden width
+    d_ff: int = 512  # feed-forward inner width
+    vocab_size: int = 0  # vocabulary size; 0: taken from the data's tokenizer
+    max_seq_len: int = 256  # longest sequence the position embedding covers (>= data.seq_len)
+    dropout: float = 0.0  # dropout probability in attention and feed-forward
     n_dec_layer: int = 0  # seq2seq decoder layers; 0: same as n_layer
-    tie_embeddings: bool = True
+    tie_embeddings: bool = True  # share the token embedding with the output head (false for pp > 1)
 
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"
-    seq_len: int = 128
-    batch_size: int = 16  # micro-batch per data-parallel replica
-    val_fraction: float = 0.02
-    tokenizer: str = "byte"  # byte (text sources); shards carry their own
+    """Where the tokens come from and how they are batched."""
+
+    source: str = "stdlib"  # stdlib (Python's own sources) | synthetic:reverse|sort|add | text:GLOB | shards:DIR
+    seq_len: int = 128  # tokens per training sequence
+    batch_size: int = 16  # micro-batch per data-parallel replica (TP/PP ranks of one replica share it)
+    val_fraction: float = 0.02  # share of the corpus held out for evaluation
+    tokenizer: str = "byte"  # tokenizer for text sources (byte: 256 bytes + specials); shards carry their own
     num_samples: int = 20000  # synthetic tasks: training samples per epoch
     task_len: int = 8  # synthetic tasks: digits per operand
-    mask_prob: float = 0.15  # bert masked-LM
+    mask_prob: float = 0.15  # bert masked-LM: share of tokens masked
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    optimizer: str = "adamw"  # adamw | sgd | onebit_adam (AdamW with 1-bit compressed momentum, data parallel)
-    momentum: float = 0.9
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    grad_clip: float = 1.0  # 0 disables
-    grad_accum: int = 1
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    """The training loop: optimizer, schedule, precision, evaluation and logging."""
+
+    steps: int = 300  # optimizer steps
+    lr: float = 3e-3  # peak learning rate (after warm-up)
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    optimizer: str = "adamw"  # AdamW, SGD with momentum, or onebit_adam (AdamW, 1-bit compressed momentum; plain DP)
+    momentum: float = 0.9  # sgd momentum
+    weight_decay: float = 0.01  # decoupled weight decay (adamw), L2 (sgd)
+    warmup_steps: int = 20  # linear learning-rate warm-up steps
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    precision: str = "fp32"  # compute dtype: fp32, bf16 autocast, fp16 autocast with dynamic loss scaling
     loss_scale: float = 65536.0  # fp16: initial dynamic loss scale
     loss_scale_growth_interval: int = 2000  # fp16: overflow-free steps before the scale doubles
-    activation_checkpointing: str = "none"  # none | full | selective
-    eval_every: int = 100  # 0 = never (a final eval still runs)
-    eval_batches: int = 8
-    log_every: int = 10
-    deterministic: bool = False
-    hang_timeout_s: float = 0.0  # 0 disables the watchdog
+    activation_checkpointing: str = "none"  # recompute in backward: none, full (whole blocks), selective (attention)
+    eval_every: int = 100  # steps between evaluations; 0 = never (a final eval still runs)
+    eval_batches: int = 8  # validation batches per evaluation
+    log_every: int = 10  # steps between metrics.jsonl lines
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower; bitwise-repeatable where supported)
+    hang_timeout_s: float = 0.0  # watchdog: a step taking longer dumps stacks and fails the run; 0 disables
     threads: int = 0  # intra-op threads per worker; 0: cores / local workers
 
 
 @dataclass
 class ParallelConfig:
-    nproc: int = 2
-    dp: int = 0  # 0: nproc / (tp * pp)
-    tp: int = 1
-    pp: int = 1
-    zero: int = 0
-    sync: str = "allreduce"  # allreduce | ps
-    max_restarts: int = 0
-    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
-    microbatches: int = 0  # 0: pp
+    """How the work is split across processes: data, tensor, pipeline and ZeRO parallelism."""
+
+    nproc: int = 2  # worker processes (the world size; under torchrun taken from torchrun)
+    dp: int = 0  # data-parallel degree; 0: nproc / (tp * pp)
+    tp: int = 1  # tensor-parallel degree (splits heads and d_ff)
+    pp: int = 1  # pipeline-parallel stages (splits the layers)
+    zero: int = 0  # ZeRO stage: 0 plain DDP, 1 sharded optimizer, 2 + gradients, 3 + parameters (FSDP2)
+    sync: str = "allreduce"  # gradient sync: allreduce (collectives between workers) or ps (parameter servers, [ps])
+    max_restarts: int = 0  # times the local launcher restarts the workers after a failure
+    pp_schedule: str = "1f1b"  # pipeline schedule: GPipe, one-forward-one-backward, or interleaved 1F1B
+    microbatches: int = 0  # pipeline micro-batches per batch; 0: pp
     virtual_stages: int = 2  # pipeline chunks per rank with pp_schedule = "interleaved"
     loss_parallel: bool = False  # tp: cross-entropy on vocab-sharded logits (no gather)
-    cpu_offload: bool = False
-    backend: str = "auto"  # auto | gloo | nccl
-    bucket_cap_mb: float = 25.0
-    fsdp_block: str = ""
+    cpu_offload: bool = False  # zero = 2/3: keep sharded parameters, gradients and optimizer state on the CPU
+    backend: str = "auto"  # torch.distributed backend; auto: nccl when CUDA is present, else gloo
+    bucket_cap_mb: float = 25.0  # DDP gradient bucket size
+    fsdp_block: str = ""  # your own model: submodule path or class name of its repeated blocks; empty: found
     meta_init: bool = False  # zero = 2/3: build parameters on the meta device, each rank fills its shards
 
 
 @dataclass
 class PSConfig:
-    servers: int = 1
-    mode: str = "async"  # sync | async | ssp
-    staleness: int = 4
-    bind: str = "127.0.0.1"
-    port: int = 0  # 0: pick free ports
-    transport: str = "tcp"  # tcp | ipc
-    secret: str = ""  # empty: generated by the launcher
-    heartbeat_s: float = 0.5
-    dead_after_s: float = 5.0
-    optimizer: str = ""  # empty: train.optimizer
-    max_message_mb: float = 1024.0
+    """Parameter servers (parallel.sync = "ps"): sharding, consistency, transport and liveness."""
+
+    servers: int = 1  # server processes; parameters are sharded across them by bytes
+    mode: str = "async"  # consistency: sync (BSP), async (ASP) or ssp (stale-synchronous, bounded by staleness)
+    staleness: int = 4  # ssp: how many steps the fastest worker may run ahead of the slowest
+    bind: str = "127.0.0.1"  # address the servers listen on (loopback by default)
+    port: int = 0  # first server port (server i listens on port + i); 0: pick free ports
+    transport: str = "tcp"  # ZeroMQ transport: tcp, or ipc (Unix sockets, one host)
+    secret: str = ""  # HMAC key of PS messages (>= 16 chars, never written to disk); empty: generated
+    heartbeat_s: float = 0.5  # seconds between worker heartbeats
+    dead_after_s: float = 5.0  # a worker silent this long is declared dead and dropped
+    optimizer: str = ""  # optimizer the servers apply; empty: train.optimizer
+    max_message_mb: float = 1024.0  # largest message a server accepts
 
 
 @dataclass
 class CompressionConfig:
-    gradient: str = "none"  # none | fp16 | bf16 | int8 | topk | powersgd
-    topk_ratio: float = 0.01
-    powersgd_rank: int = 2
-    powersgd_vectors: str = "fp32"  # fp32 | int8: how PowerSGD sends what it cannot factor (biases, norms)
-    powersgd_exchange: str = "allreduce"  # allreduce (shared P, Q) | allgather (each rank's own factors)
+    """Gradient compression on the data-parallel or parameter-server exchange."""
+
+    gradient: str = "none"  # gradient codec on the wire (docs/compression.md)
+    topk_ratio: float = 0.01  # topk: share of gradient entries sent
+    powersgd_rank: int = 2  # powersgd: rank of the low-rank factors
+    powersgd_vectors: str = "fp32"  # how PowerSGD sends the tensors it cannot factor (biases, norms)
+    powersgd_exchange: str = "allreduce"  # all-reduce of shared factors P, Q, or all-gather of each rank's own
     powersgd_iterations: int = 1  # power iterations per step; > 1 only where a sender factorizes alone
-    error_feedback: bool = True
-    int8_chunk: int = 1024
-    int8_rounding: str = "nearest"  # nearest | stochastic
-    fallback_factor: float = 2.0
-    fallback_window: int = 20
-    fallback_steps: int = 20
+    error_feedback: bool = True  # add what compression dropped to the next step's gradient
+    int8_chunk: int = 1024  # int8: elements per scale
+    int8_rounding: str = "nearest"  # int8: round to nearest, or stochastically (unbiased)
+    fallback_factor: float = 2.0  # send uncompressed when a loss exceeds this times the recent mean
+    fallback_window: int = 20  # steps in that recent mean
+    fallback_steps: int = 20  # steps sent uncompressed after a fallback; 0 disables the safeguard
     warmup_steps: int = 0  # first steps compressed less (top-k: 25% -> 6.25% -> ... -> topk_ratio; else none)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # 0: only at the end (if keep > 0)
-    keep: int = 2
-    resume: bool = False
+    """When checkpoints are written and what a run resumes from."""
+
+    every: int = 0  # steps between checkpoints; 0: only at the end (if keep > 0)
+    keep: int = 2  # newest checkpoints kept; 0: none written
+    resume: bool = False  # continue from the newest checkpoint in the run directory
     path: str = ""  # resume from this checkpoint dir instead of the newest in run dir
 
 
 @dataclass
 class DebugConfig:
-    delay_rank: int = -1
-    delay_ms: float = 0.0
-    kill_rank: int = -1
-    kill_at_step: int = -1
-    kill_server: int = -1
-    kill_server_at_step: int = -1
-    hang_rank: int = -1
-    hang_at_step: int = -1
+    """Fault and straggler injection for tests and demonstrations (-1: off)."""
+
+    delay_rank: int = -1  # this worker sleeps delay_ms every step (a straggler)
+    delay_ms: float = 0.0  # the straggler's delay per step
+    kill_rank: int = -1  # this worker SIGKILLs itself at kill_at_step
+    kill_at_step: int = -1  # step at which kill_rank dies
+    kill_server: int = -1  # this parameter server SIGKILLs itself at kill_server_at_step
+    kill_server_at_step: int = -1  # step at which kill_server dies
+    hang_rank: int = -1  # this worker stops making progress at hang_at_step (watchdog test)
+    hang_at_step: int = -1  # step at which hang_rank hangs
 
 
 _SECTIONS: dict[str, type] = {
@@ -238,54 +257,9 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
 }
 
 
-def _suggest(name: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(section: str, key: str, value: Any, typ: Any) -> Any:
-    where = f"{section}.{key}"
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """Parse ``--section.key=value`` (leading dashes optional); value is a TOML literal."""
-    body = text.lstrip("-")
-    if "=" not in body or "." not in body.split("=", 1)[0]:
-        raise ConfigError(f"override '{text}' must look like --section.key=value")
-    path, raw = body.split("=", 1)
-    section, key = path.split(".", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare word: take it as a string (--parallel.sync=ps)
-    return section, key, value
-
-
 @dataclass
 class Config:
-    """The whole configuration of one run; see CONTRACT.md for what each key means."""
+    """The whole configuration of one run; docs/config.md lists what each key means."""
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -308,17 +282,20 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any], overrides: typing.Sequence[str] = (), *,
                   own_model: bool = True) -> Config:
-        """Build from nested dicts (as TOML gives) plus ``section.key=value`` overrides
-        (``own_model``: see :meth:`validate`)."""
+        """Build from nested dicts (as TOML gives) plus overrides: ``--section.key=value``, or
+        ``--section.key`` followed by the value as the next item (``own_model``: see :meth:`validate`)."""
         cfg = cls()
         items: list[tuple[str, str, Any]] = []
         for section, table in data.items():
             if section not in _SECTIONS:
-                raise ConfigError(f"unknown config section [{section}]{_suggest(section, _SECTIONS)}")
+                raise ConfigError(f"unknown config section [{section}]{suggest(section, _SECTIONS)}")
             if not isinstance(table, dict):
                 raise ConfigError(f"[{section}] must be a table of key = value")
             items += [(section, k, v) for k, v in table.items()]
-        items += [parse_override(o) for o in overrides]
+        pairs, rest = split_overrides(overrides)
+        if rest:
+            raise ConfigError(f"override '{rest[0]}' must look like --section.key=value (or --section.key value)")
+        items += [parse_override(o) for o in pairs]
         for section, key, value in items:
             cfg.set(section, key, value)
         cfg.validate(own_model=own_model)
@@ -343,11 +320,11 @@ class Config:
     def set(self, section: str, key: str, value: Any) -> None:
         """Set one key with type checking (no cross-field validation)."""
         if section not in _SECTIONS:
-            raise ConfigError(f"unknown config section [{section}]{_suggest(section, _SECTIONS)}")
-        types = _field_types(_SECTIONS[section])
+            raise ConfigError(f"unknown config section [{section}]{suggest(section, _SECTIONS)}")
+        types = config_checks.field_types(_SECTIONS[section])
         if key not in types:
-            raise ConfigError(f"unknown key {section}.{key}{_suggest(key, types)}")
-        setattr(getattr(self, section), key, _coerce(section, key, value, types[key]))
+            raise ConfigError(f"unknown key {section}.{key}{suggest(key, types)}")
+        setattr(getattr(self, section), key, config_checks.coerce(f"{section}.{key}", value, types[key]))
 
     # ---- derived values ----------------------------------------------------------------
     @property
@@ -367,20 +344,11 @@ class Config:
         so the checks of how paratrain's GPT is pipelined (:meth:`check_model_layout`) are skipped."""
         for section, cls in _SECTIONS.items():
             obj = getattr(self, section)
-            for key, typ in _field_types(cls).items():
-                value = _coerce(section, key, getattr(obj, key), typ)
+            for key, typ in config_checks.field_types(cls).items():
+                value = config_checks.coerce(f"{section}.{key}", getattr(obj, key), typ)
                 setattr(obj, key, value)
-                choices = _CHOICES.get((section, key))
-                if choices is not None and value not in choices:
-                    opts = " | ".join(repr(c) for c in choices)
-                    raise ConfigError(
-                        f"{section}.{key} = {value!r} is not one of {opts}{_suggest(str(value), choices)}"
-                    )
-                lo, hi = _RANGES.get((section, key), (None, None))
-                if lo is not None and value < lo:
-                    raise ConfigError(f"{section}.{key} = {value} is below its minimum {lo}")
-                if hi is not None and value > hi:
-                    raise ConfigError(f"{section}.{key} = {value} is above its maximum {hi}")
+                config_checks.check_field(f"{section}.{key}", value, _CHOICES.get((section, key)),
+                                          _RANGES.get((section, key), (None, None)))
         config_checks.check_combinations(self)
         self._validate_more()
         if own_model:
@@ -407,7 +375,7 @@ class Config:
             for key, value in table.items():
                 if (section, key) in _SECRET_KEYS:
                     value = ""  # never written to disk; the launcher passes it through the environment
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
 
@@ -417,11 +385,3 @@ _SECRET_KEYS = {("ps", "secret")}
 # Validators registered by subsystems: each takes a Config and raises ConfigError.
 EXTRA_CHECKS: list[typing.Callable[[Config], None]] = []
 
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'

@@ -1,12 +1,17 @@
-"""Cross-field checks of a :class:`~paratrain.config.Config`: combinations of settings that are
-each valid alone but cannot work together. Each raises :class:`ConfigError` with one line that
-names the problem and the fix. ``Config.validate`` runs them after the per-field checks."""
+"""Checks of a :class:`~paratrain.config.Config`: per-field types, choices and ranges, then
+combinations of settings that are each valid alone but cannot work together. Each raises
+:class:`ConfigError` with one line that names the problem and the fix. ``Config.validate`` runs
+them all, the per-field checks first."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import typing
+from typing import Any
 
 from paratrain.errors import ConfigError
+from paratrain.overrides import suggest
 
 if typing.TYPE_CHECKING:
     from paratrain.config import Config
@@ -131,3 +136,45 @@ def check_model_layout(cfg: Config) -> None:
             what = f"pp * virtual_stages = {p.pp} * {v}" if v > 1 else f"pp = {p.pp}"
             raise ConfigError(f"parallel.{what} exceeds model.n_layer = {m.n_layer}; "
                               "every pipeline stage needs at least one layer")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> type of one config section dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def coerce(where: str, value: Any, typ: Any) -> Any:
+    """``value`` as ``typ`` (an int is accepted for a float, nothing else is converted); NaN is refused."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if math.isnan(value):
+            raise ConfigError(f"{where} must be a number, got nan")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def check_field(where: str, value: Any, choices: tuple[str, ...] | None,
+                bounds: tuple[float | None, float | None]) -> None:
+    """One key against its allowed values and its inclusive (min, max) range (None: unbounded)."""
+    if choices is not None and value not in choices:
+        opts = " | ".join(repr(c) for c in choices)
+        raise ConfigError(f"{where} = {value!r} is not one of {opts}{suggest(str(value), choices)}")
+    lo, hi = bounds
+    if lo is not None and value < lo:
+        raise ConfigError(f"{where} = {value} is below its minimum {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where} = {value} is above its maximum {hi}")

@@ -43,6 +43,7 @@ def runs(tmp_path_factory):
     return single, ddp
 
 
+@pytest.mark.slow
 def test_ddp_from_a_script_matches_one_process(runs):
     single, ddp = runs
     a, b = single.losses(), ddp.losses()
@@ -56,6 +57,7 @@ def test_ddp_from_a_script_matches_one_process(runs):
     assert s["samples_per_s"] == pytest.approx(s["tokens_per_s"])  # no tokens here: a sample is the unit
 
 
+@pytest.mark.slow
 def test_checkpoint_state_dict_and_safetensors_export(runs, tmp_path):
     from safetensors.torch import load_file
 
@@ -69,6 +71,7 @@ def test_checkpoint_state_dict_and_safetensors_export(runs, tmp_path):
         assert torch.equal(loaded[k], v)
 
 
+@pytest.mark.slow
 def test_ps_sync_matches_one_process(runs, tmp_path):
     single, _ = runs
     cfg = mlp.config(tmp_path / "ps", 2, 8)
@@ -97,6 +100,7 @@ def test_ps_under_torchrun_matches_one_process(runs, tmp_path):
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
 
 
+@pytest.mark.slow
 def test_worker_errors_come_back_as_one_line(tmp_path):
     proc = run_script(tmp_path / "bad", 2, 8, "bad")
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -142,6 +146,7 @@ def resume_lm(result, run_dir):
     return train_lm(cfg)
 
 
+@pytest.mark.slow
 def test_pp_split_matches_one_process_and_resumes(lm_single, tmp_path):
     pp = train_lm(lm_config(tmp_path / "pp", 2, 8, pp=2), pp_split=["blocks.2"])
     s = pp.summary
@@ -155,6 +160,7 @@ def test_pp_split_matches_one_process_and_resumes(lm_single, tmp_path):
     assert_same(a, resume_lm(pp, tmp_path / "resumed").losses(), range(6, 11))
 
 
+@pytest.mark.slow
 def test_meta_device_factory_under_zero3_matches_one_process_and_resumes(lm_single, tmp_path):
     z3 = train_lm(lm_config(tmp_path / "z3", 2, 4, zero=3), model=mlp.meta_tiny_lm)
     assert z3.summary["strategy"] == "fsdp" and (z3.checkpoint(5) / "dcp").is_dir()

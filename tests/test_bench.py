@@ -11,6 +11,7 @@ from paratrain.bench.comm import OPS, bus_factor
 from paratrain.cli import main
 
 
+@pytest.mark.slow
 def test_bench_comm_two_processes(tmp_path, capsys):
     out = tmp_path / "comm.json"
     rc = main(["bench", "comm", "--nproc", "2", "--sizes", "4K,64K", "--target-s", "0.01", "--max-iters", "5",

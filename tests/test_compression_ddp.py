@@ -164,6 +164,7 @@ def hook_results(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.slow
 def test_hooks_train_and_count_bytes(hook_results, codec):
     r, base = hook_results[codec], hook_results["none"]
     losses = r["losses"]
@@ -180,6 +181,7 @@ def test_hooks_train_and_count_bytes(hook_results, codec):
 
 
 @pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.slow
 def test_hooks_safeguard_falls_back_on_every_rank(hook_results, codec):
     r = hook_results[codec]
     # the spike is observed after step 30: steps 31, 32 go uncompressed (fp32 all-reduce), then back
@@ -199,6 +201,7 @@ def _launch(tmp_path: Path, name: str, extra: list[str]) -> tuple[dict, list[dic
     return summary, [json.loads(ln) for ln in lines]
 
 
+@pytest.mark.slow
 def test_paratrain_ddp_topk(tmp_path):
     """End to end (one launch: each costs ~10-20 s here; the hook tests cover every codec)."""
     summary, metrics = _launch(tmp_path, "topk", ["--parallel.nproc=2", "--compression.gradient=topk"])
@@ -218,6 +221,7 @@ def test_paratrain_ddp_topk(tmp_path):
     assert losses[-1] < losses[0] - 0.5 and all(m["compressed"] for m in metrics if "loss" in m)
 
 
+@pytest.mark.slow
 def test_paratrain_onebit_adam(tmp_path):
     """1-bit Adam end to end: DDP keeps gradients local; the optimizer all-gathers one sign bit
     per coordinate + one fp32 scale per 1024, and all-reduces the bf16 variance at steps 1, 2, 4, ..."""
@@ -254,8 +258,8 @@ def test_paratrain_onebit_adam(tmp_path):
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(resumed, rows[10:], strict=True)) < 1e-6
 
 
+@pytest.mark.slow
 def test_paratrain_ps_compressed(tmp_path):
-    pytest.importorskip("paratrain.ps.strategy")
     summary, metrics = _launch(tmp_path, "ps-topk", ["--parallel.nproc=2", "--parallel.sync=ps",
                                                      "--compression.gradient=topk"])
     assert summary["status"] == "ok", summary

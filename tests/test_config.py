@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import tomllib
+
+import pytest
 
 from paratrain.cli import main
 from paratrain.config import Config, ConfigError, parse_override
@@ -76,3 +77,55 @@ def test_shipped_configs_validate():
 
     for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.toml")):
         Config.load(path)
+
+
+def test_every_key_has_a_meaning():
+    from paratrain.config_docs import undocumented
+
+    missing = undocumented()
+    assert not missing, (
+        f"undocumented config: {', '.join(missing)}; in paratrain/config.py give each key a trailing "
+        "`# comment` saying what it means (and each section class a docstring), then run "
+        "`python -m paratrain.config_docs > docs/config.md`"
+    )
+
+
+def test_config_reference_is_up_to_date():
+    from pathlib import Path
+
+    from paratrain.config_docs import render_markdown
+
+    doc = Path(__file__).parent.parent / "docs" / "config.md"
+    assert doc.read_text() == render_markdown(), (
+        "docs/config.md is out of date with paratrain/config.py; run `python -m paratrain.config_docs > docs/config.md`"
+    )
+
+
+def test_reference_reads_comments_ranges_and_choices():
+    from paratrain.config_docs import sections
+
+    keys = {(k.section, k.key): k for s in sections() for k in s.keys}
+    assert len(keys) == sum(len(Config().to_dict()[s]) for s in Config().to_dict())
+    lr = keys[("train", "lr")]
+    assert (lr.type, lr.default, lr.allowed) == ("float", 3e-3, "0.0 .. 10.0") and "learning rate" in lr.meaning
+    assert keys[("model", "arch")].allowed == '"gpt" | "seq2seq" | "bert"'
+    assert keys[("parallel", "nproc")].allowed == "1 .. 1024" and keys[("model", "n_layer")].allowed == ">= 1"
+    assert keys[("run", "dir")].allowed == "" and keys[("train", "deterministic")].type == "bool"
+
+
+def test_overrides_take_the_value_as_the_next_argument():
+    cfg = Config.load(None, ["--train.lr", "1e-3", "--parallel.sync", "ps", "--debug.kill_rank", "-1",
+                             "--model.n_layer=2", "train.steps=5"])
+    assert (cfg.train.lr, cfg.parallel.sync, cfg.debug.kill_rank, cfg.model.n_layer, cfg.train.steps) == (
+        1e-3, "ps", -1, 2, 5)
+    with pytest.raises(ConfigError, match="has no value"):
+        Config.load(None, ["--train.deterministic", "--train.lr=1"])
+    with pytest.raises(ConfigError, match="has no value"):
+        Config.load(None, ["--train.lr"])
+    with pytest.raises(ConfigError, match="must look like --section.key=value"):
+        Config.load(None, ["--json"])
+
+
+def test_nan_is_refused():
+    with pytest.raises(ConfigError, match="must be a number, got nan"):
+        Config.load(None, ["--train.lr=nan"])

@@ -6,13 +6,14 @@ summary.json carries the goodput with the lost time of the recovery.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
 from paratrain.training.launch import launch
 from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow  # multi-process runs: `make test-fast` leaves them out
 
 COMMON = ["--train.steps=20", "--checkpoint.every=10", "--checkpoint.keep=2", "--train.deterministic=true",
           "--parallel.nproc=2", "--data.batch_size=4"]
@@ -55,8 +56,6 @@ def test_killed_worker_is_restarted_and_the_run_finishes(reference, corpus):
     assert summary["productive_s"] < summary["wall_s"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("paratrain.parallel.model_parallel") is None,
-                    reason="ZeRO (paratrain.parallel.model_parallel) is not in this tree yet")
 def test_killed_zero_worker_recovers(reference, corpus):
     ref_dir, _ = reference
     run_dir = ref_dir.parent / "zero"

@@ -7,10 +7,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from paratrain.training.watchdog import CollectiveLog, diagnose
 from tests.conftest import TINY_MODEL
 
 
+@pytest.mark.slow
 def test_one_rank_hangs_the_job_exits_naming_it(tmp_path, corpus):
     run_dir = tmp_path / "hang"
     cmd = [sys.executable, "-m", "paratrain.cli", "train", *TINY_MODEL, f'--run.dir="{run_dir}"',

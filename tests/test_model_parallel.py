@@ -26,6 +26,8 @@ from paratrain.config import Config
 from paratrain.training.launch import launch, prepare_data, prepare_run_dir
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # multi-process runs: `make test-fast` leaves them out
+
 STEPS = ["--train.steps=10", "--model.n_head=4", "--data.seq_len=16", "--checkpoint.keep=0"]
 GPT = [*STEPS, "--data.batch_size=8"]
 GPT_UNTIED = [*GPT, "--model.tie_embeddings=false", "--model.n_layer=4"]

@@ -1,9 +1,9 @@
 """Two hosts on one machine: network namespaces joined by a veth pair, torchrun --nnodes=2.
 
-Needs root and iproute2 (skipped otherwise).  Uses the settings PLATFORM_NOTES.md lists for
-gloo across namespaces: ``--rdzv-conf=is_host=1`` on node 0, ``--local-addr`` on both nodes,
-``GLOO_SOCKET_IFNAME``.  All traffic stays on the veth pair inside the two namespaces, and
-the namespaces are always deleted.
+Needs root and iproute2 (skipped otherwise).  Uses the settings gloo needs across namespaces
+(without them the host name resolves to 127.0.0.1 and the job hangs): ``--rdzv-conf=is_host=1``
+on node 0, ``--local-addr`` on both nodes, ``GLOO_SOCKET_IFNAME``.  All traffic stays on the veth
+pair inside the two namespaces, and the namespaces are always deleted.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import time
 import pytest
 
 from tests.conftest import TINY_MODEL
+
+pytestmark = pytest.mark.slow  # multi-process runs: `make test-fast` leaves them out
 
 SUBNET = "10.250.77"
 

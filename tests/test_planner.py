@@ -141,6 +141,7 @@ def test_probed_layer_factors_replace_modelled_tp_and_zero3_cost() -> None:
     assert tp4.time_parts["tp_comm"] > 0
 
 
+@pytest.mark.slow
 def test_layer_probe_runs_on_two_ranks() -> None:
     from paratrain.planner.probe import probe_layers
 
@@ -172,7 +173,8 @@ def test_flops_formulas_agree() -> None:
 
 @pytest.mark.parametrize("arch", ["gpt", "seq2seq", "bert"])
 def test_matches_paratrain_models(arch: str) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     from paratrain.models import build_model, count_params
     from paratrain.models import flops_per_token as model_fpt
 
@@ -302,7 +304,6 @@ def test_onebit_adam_sends_a_bit_per_parameter() -> None:
 def test_codec_bytes_match_the_models_tensors(arch: str) -> None:
     """The planner's compressed-exchange bytes, from the shape alone, against the hooks' own formulas
     over the real model's tensors (tests/test_compression_ddp.py checks those against the wire)."""
-    pytest.importorskip("torch")
     import dataclasses
     import math
 

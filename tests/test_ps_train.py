@@ -19,6 +19,8 @@ import pytest
 from paratrain.training.launch import launch
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # multi-process runs: `make test-fast` leaves them out
+
 STEPS = 14
 BASE = [f"--train.steps={STEPS}", "--model.n_layer=1", "--checkpoint.keep=2", "--ps.heartbeat_s=0.1",
         "--ps.dead_after_s=1.0"]

@@ -10,6 +10,8 @@ from paratrain.cli import main
 from paratrain.training.launch import launch
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # multi-process runs: `make test-fast` leaves them out
+
 STEPS = ["--train.steps=20", "--checkpoint.every=10", "--checkpoint.keep=3", "--train.deterministic=true"]
 
 

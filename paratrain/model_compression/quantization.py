@@ -3,7 +3,7 @@
 - ``quantize_dynamic_int8``: int8 weights (per output channel, symmetric) and activations
   quantized on the fly per batch, via ``torch.ao.quantization.quantize_dynamic`` (fbgemm /
   x86 kernels). The fast path on CPU; paratrain's attention is built from ``nn.Linear``, so the
-  ``nn.MultiheadAttention`` fast-path pitfall (PLATFORM_NOTES.md) does not arise.
+  ``nn.MultiheadAttention`` fast path (which ``quantize_dynamic`` breaks in eval mode) is never taken.
 - ``quantize_static_int8``: activation ranges calibrated on held-out batches (histogram
   observer); every Linear runs int8 -> int8 between a quantize and a dequantize.
 - ``prepare_qat`` / ``convert_qat``: fine-tune with fake-quantized weights and activations

@@ -118,13 +118,13 @@ class RunSpec:
         own_data = train_data is None
         if own_data:
             data: Any = build_data(cfg, dp_rank, dp)
-            vals: Callable[[int, int], list | None] = lambda bs, n: val_batches(data, bs, dp_rank, dp, n)  # noqa: E731
+            vals: Callable[[int, int], list | None] = lambda bs, n: val_batches(data, bs, dp_rank, dp, n)
         else:
             data = UserData(train=train_source(train_data, cfg.data.batch_size, dp_rank, dp, cfg.run.seed),
                             val=val_data)
-            vals = lambda bs, n: None  # noqa: E731 - user data without val_data: nothing to evaluate
+            vals = lambda bs, n: None  # user data without val_data: nothing to evaluate
         if val_data is not None:
-            vals = lambda bs, n: user_val_batches(val_data, bs, dp_rank, dp, n)  # noqa: E731
+            vals = lambda bs, n: user_val_batches(val_data, bs, dp_rank, dp, n)
         spec = cls(arch=cfg.model.arch if model is None else "custom", model_factory=lambda: None, data=data,
                    loss=loss_fn or LogitsLoss(), val_source=vals)
         spec.model_factory = _factory(cfg, spec, model)
