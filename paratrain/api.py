@@ -16,8 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from paratrain import checkpoint as ckpt
 from paratrain.config import Config, ConfigError
 from paratrain.data.user_data import precheck
+from paratrain.parallel.pipeline_foreign import check_split, n_stages
+from paratrain.training.handoff import IMPORTING_MAIN
+from paratrain.training.launch import launch
+from paratrain.training.user_model import MeanLoss, check_plans, is_own_spec, own_models
 
 
 class TrainingFailed(RuntimeError):
@@ -60,7 +65,6 @@ class RunResult:
 
     def checkpoint(self, step: int | None = None) -> Path:
         """The directory of checkpoint ``step`` (default: the newest)."""
-        from paratrain import checkpoint as ckpt
 
         root = self.run_dir / "checkpoints"
         path = root / f"step_{step}" if step is not None else ckpt.latest(root)
@@ -71,7 +75,6 @@ class RunResult:
     def state_dict(self, step: int | None = None) -> dict[str, torch.Tensor]:
         """The full (unsharded) model state dict saved in a checkpoint; load it with
         ``model.load_state_dict(...)`` into a model built the same way."""
-        from paratrain import checkpoint as ckpt
 
         path = self.checkpoint(step)
         ckpt.verify(path)
@@ -142,10 +145,6 @@ def train(config: Config | str | os.PathLike | None = None, *, model: nn.Module 
     From ``python script.py`` the call starts the local job itself; under torchrun it is one rank.
     Raises :class:`ConfigError` for user errors and :class:`TrainingFailed` when a run breaks.
     """
-    from paratrain.parallel.pipeline_foreign import check_split, n_stages
-    from paratrain.training.handoff import IMPORTING_MAIN
-    from paratrain.training.launch import launch
-    from paratrain.training.user_model import MeanLoss, check_plans, is_own_spec, own_models
 
     if os.environ.get(IMPORTING_MAIN):
         raise ConfigError(f"paratrain.train() ran while a worker imported {os.environ[IMPORTING_MAIN]}; "

@@ -24,6 +24,9 @@ from torch import Tensor, nn
 
 from paratrain.config import Config, ConfigError
 from paratrain.models.loss import IGNORE, model_inputs
+from paratrain.parallel import ParallelDims
+from paratrain.training.spec import RunSpec
+from paratrain.training.trainer import Trainer
 
 
 class DistillLoss:
@@ -135,9 +138,6 @@ def finetune(cfg: Config, model: nn.Module, loss_fn: Any = None, steps: int = 10
              lr: float | None = None, batch_size: int | None = None) -> dict[str, Any]:
     """Train ``model`` in place for ``steps`` steps with paratrain's Trainer (one process) on the
     run's training data; ``loss_fn`` defaults to the LM loss. Returns the run summary."""
-    from paratrain.parallel import ParallelDims
-    from paratrain.training.spec import RunSpec
-    from paratrain.training.trainer import Trainer
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

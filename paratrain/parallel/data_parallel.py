@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from paratrain.grad_compression.hooks import ring_allreduce_bytes
+from paratrain.grad_compression.hooks import register_compression_hook, ring_allreduce_bytes
 from paratrain.parallel.dims import ParallelDims
 from paratrain.parallel.sync import GradSync, make_optimizer
 
@@ -70,7 +70,6 @@ class CompressedDDPSync(DDPSync):
     averaging all-reduce, counts the bytes it sends and falls back when the loss rises."""
 
     def attach(self, model: nn.Module) -> None:
-        from paratrain.grad_compression.hooks import register_compression_hook
 
         self.compression = register_compression_hook(model, self)
 

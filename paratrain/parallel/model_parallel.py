@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from paratrain.config import Config
 from paratrain.grad_compression.hooks import ring_allreduce_bytes
 from paratrain.parallel.dims import ParallelDims
+from paratrain.parallel.sharding import fsdp_no_sync
 from paratrain.parallel.sync import GradSync
 
 
@@ -137,7 +138,6 @@ class ModelParallelSync(GradSync):
     # ---- per step ------------------------------------------------------------------------
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         if self.fsdp:
-            from paratrain.parallel.sharding import fsdp_no_sync
 
             return fsdp_no_sync(model)
         return contextlib.nullcontext()

@@ -26,9 +26,17 @@ from typing import Any, Protocol
 from torch import nn
 
 from paratrain.config import Config, ConfigError
+from paratrain.models import GPT
+from paratrain.parallel.data_parallel import CompressedDDPSync, DDPSync, OneBitAdamSync, wrap_ddp
 from paratrain.parallel.dims import ParallelDims
 from paratrain.parallel.memory_policy import apply_activation_checkpointing
+from paratrain.parallel.meta_init import has_meta, materialize
+from paratrain.parallel.model_parallel import ModelParallelSync, PipelineModel
+from paratrain.parallel.pipeline import PipelineRunner
+from paratrain.parallel.pipeline_foreign import ForeignPipelineRunner
+from paratrain.parallel.sharding import Zero1Sync, apply_fsdp
 from paratrain.parallel.sync import GradSync
+from paratrain.parallel.tensor_parallel import apply_tensor_parallel
 
 
 class LayoutSpec(Protocol):
@@ -46,16 +54,13 @@ def make_sync(cfg: Config, dims: ParallelDims) -> GradSync:
     """The gradient sync of a collective layout (the parameter server's is ``ps.strategy.PSSync``)."""
     p = cfg.parallel
     if p.zero == 1 and p.tp == 1 and p.pp == 1:
-        from paratrain.parallel.sharding import Zero1Sync
 
         return Zero1Sync(cfg, dims)
     if p.tp > 1 or p.pp > 1 or p.zero > 0:
-        from paratrain.parallel.model_parallel import ModelParallelSync
 
         return ModelParallelSync(cfg, dims)
     if dims.world_size == 1:
         return GradSync(cfg, dims)
-    from paratrain.parallel.data_parallel import CompressedDDPSync, DDPSync, OneBitAdamSync
 
     if cfg.train.optimizer == "onebit_adam":
         return OneBitAdamSync(cfg, dims)
@@ -66,7 +71,6 @@ def make_sync(cfg: Config, dims: ParallelDims) -> GradSync:
 
 def parallelize(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Config, sync: GradSync) -> nn.Module:
     """Apply the layout to ``model`` (see the module docstring); returns what the sync drives."""
-    from paratrain.parallel.meta_init import has_meta, materialize
 
     meta = has_meta(model)  # a meta-device build (ZeRO-3): FSDP2 shards first, then each rank fills its shards
     if not meta:
@@ -85,7 +89,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Con
 def _tp_and_ac(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Config) -> nn.Module:
     """Steps 2 and 3 on the whole model or on one pipeline stage."""
     if dims.tp > 1:
-        from paratrain.parallel.tensor_parallel import apply_tensor_parallel
 
         if spec.tp_plan is None:
             raise ConfigError(f"parallel.tp = {dims.tp} needs a tensor-parallel plan for {type(model).__name__}")
@@ -100,18 +103,14 @@ def _loss_parallel(cfg: Config, dims: ParallelDims) -> bool:
 
 
 def _pipeline(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Config, sync: GradSync) -> nn.Module:
-    from paratrain.parallel.model_parallel import PipelineModel
 
     p = cfg.parallel
     m = p.microbatches or dims.pp
     if spec.pp_split is not None:  # a user model, traced at the named split points
-        from paratrain.parallel.pipeline_foreign import ForeignPipelineRunner
 
         runner = ForeignPipelineRunner(model, dims, p.pp_schedule, m, p.virtual_stages, spec.pp_split,
                                        spec.first_batch(), spec.loss)
     else:
-        from paratrain.models import GPT
-        from paratrain.parallel.pipeline import PipelineRunner
 
         if not isinstance(model, GPT):
             raise ConfigError(f"pipeline parallel supports paratrain's GPT only, not {type(model).__name__}; "
@@ -123,19 +122,16 @@ def _pipeline(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Confi
 
 
 def _data_parallel(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Config, sync: GradSync) -> nn.Module:
-    from paratrain.parallel.model_parallel import ModelParallelSync
 
     p = cfg.parallel
     if dims.dp == 1 or p.sync == "ps":
         return model
     if isinstance(sync, ModelParallelSync):
-        from paratrain.parallel.sharding import apply_fsdp
 
         # TP's gathered logits are a view; the trainer never modifies them in place
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         apply_fsdp(model, spec.blocks(model), dims.axis_mesh("dp"), p.zero, p.cpu_offload)
         sync.fsdp = True
         return model
-    from paratrain.parallel.data_parallel import wrap_ddp
 
     return wrap_ddp(model, dims, p.bucket_cap_mb)

@@ -32,8 +32,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from paratrain import checkpoint as ckpt
 from paratrain.config import Config, ConfigError
 from paratrain.processes import die_with_parent
+from paratrain.ps.server_main import run_server
 from paratrain.ps.strategy import ENDPOINTS_ENV, SECRET_ENV
 
 MAX_SERVER_RESTARTS = 10
@@ -60,7 +62,6 @@ def _connect_host(bind: str) -> str:
 
 def resume_source(cfg: Config) -> Path | None:
     """The checkpoint the trainer will resume from (so servers start from the same one)."""
-    from paratrain import checkpoint as ckpt
 
     if cfg.checkpoint.path:
         return Path(cfg.checkpoint.path)
@@ -190,7 +191,6 @@ def run_torchrun_role(cfg: Config) -> dict[str, Any] | None:
     ``RANK - ps.servers``) and return None so the caller trains."""
     import torch.distributed as dist
 
-    from paratrain.ps.server_main import run_server
 
     rank, world, n_servers = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg.ps.servers
     if world <= n_servers:

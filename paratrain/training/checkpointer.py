@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from paratrain import checkpoint as ckpt
+from paratrain.parallel import dist_checkpoint
 from paratrain.parallel.dims import ParallelDims
 
 
@@ -44,7 +45,6 @@ class Checkpointer:
         sync.barrier()
         tmp = ckpt.tmp_dir(self.root, step)
         if sync.uses_dcp:  # layout-independent: dcp/ from every rank
-            from paratrain.parallel import dist_checkpoint
 
             dist_checkpoint.save(tmp, sync.dcp_modules(model), optimizer)
             model_state, optim_state = None, {}
@@ -77,7 +77,6 @@ class Checkpointer:
         meta = ckpt.load_file(path, "meta.json")
         name = self._optim_file()
         if (path / "dcp").is_dir():  # saved by a model-parallel layout: loads under any layout
-            from paratrain.parallel import dist_checkpoint
 
             dist_checkpoint.load(path, sync.dcp_modules(model), optimizer)
             name = "optim.pt"  # the schedule only

@@ -29,9 +29,14 @@ from typing import Any
 
 from paratrain import checkpoint as ckpt
 from paratrain.config import Config, ConfigError
+from paratrain.data import cached_corpus
+from paratrain.doctor import multi_host_warning
+from paratrain.parallel.sharding import MALLOC_ENV
+from paratrain.ps.launch import local_servers, run_torchrun_role
 from paratrain.training.handoff import read_error, save_injected
 from paratrain.training.supervisor import JobResult, Supervisor
 from paratrain.training.trainer import run_worker, write_summary
+from paratrain.training.watchdog import read_diagnosis
 
 
 def under_torchrun() -> bool:
@@ -49,7 +54,6 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 def prepare_data(cfg: Config) -> None:
     """Build the token cache once, before any worker starts (workers then only memmap it)."""
-    from paratrain.data import cached_corpus
 
     src = cfg.data.source
     if src == "stdlib" or src.startswith("text:"):
@@ -83,7 +87,6 @@ def launch(cfg: Config, injected: dict[str, Any] | None = None) -> dict[str, Any
         if own_data:
             prepare_data(cfg)
         if cfg.parallel.sync == "ps":  # roles by rank: servers first, then workers
-            from paratrain.ps.launch import run_torchrun_role
 
             if (server_summary := run_torchrun_role(cfg)) is not None:
                 return server_summary
@@ -98,7 +101,6 @@ def launch(cfg: Config, injected: dict[str, Any] | None = None) -> dict[str, Any
 
 
 def _warn_multi_host() -> None:
-    from paratrain.doctor import multi_host_warning
 
     if warning := multi_host_warning():
         print(f"paratrain: warning: {warning}", file=sys.stderr)
@@ -113,7 +115,6 @@ def _run_local_job(cfg: Config, run_dir: Path, injected: dict[str, Any], start_t
             args += ["--injected", str(save_injected(handoff, injected, cfg.parallel.nproc))]
         sup = Supervisor(run_dir / "config.toml", cfg.parallel.nproc, cfg.parallel.max_restarts, args)
         if cfg.parallel.sync == "ps":
-            from paratrain.ps.launch import local_servers
 
             with local_servers(cfg, cfg.parallel.nproc):
                 result = sup.run("each")
@@ -129,7 +130,6 @@ def _run_local_job(cfg: Config, run_dir: Path, injected: dict[str, Any], start_t
 
 def _job_summary(run_dir: Path, result: JobResult, start_time: float) -> dict[str, Any]:
     """Rank 0's summary, or an error summary naming the failed workers (and a hang diagnosis)."""
-    from paratrain.training.watchdog import read_diagnosis
 
     path = run_dir / "summary.json"
     done = path.exists() and path.stat().st_mtime >= start_time
@@ -154,7 +154,6 @@ def _worker_env(cfg: Config) -> Iterator[None]:
     per-block buffers FSDP frees stay in the heap and sharding hardly lowers peak RSS."""
     extra: dict[str, str] = {}
     if cfg.parallel.zero > 0:
-        from paratrain.parallel.sharding import MALLOC_ENV
 
         extra.update(MALLOC_ENV)
     extra = {k: v for k, v in extra.items() if k not in os.environ}

@@ -20,6 +20,9 @@ from torch import nn
 from paratrain.config import Config, ConfigError
 from paratrain.data import build_data, val_batches
 from paratrain.data.user_data import IterableBatches, UserData, train_source, user_val_batches
+from paratrain.models import build_model
+from paratrain.parallel.meta_init import build_on_meta
+from paratrain.parallel.tensor_parallel import model_plan
 from paratrain.training.user_model import (
     LogitsLoss,
     MeanLoss,
@@ -39,7 +42,6 @@ def own_blocks(model: nn.Module) -> list[nn.Module]:
 
 def own_tp_plan(model: nn.Module, loss_parallel: bool) -> dict[str, Any]:
     """The tensor-parallel plan paratrain's models share (see :mod:`paratrain.parallel.tensor_parallel`)."""
-    from paratrain.parallel.tensor_parallel import model_plan
 
     return model_plan(model, loss_parallel)
 
@@ -159,7 +161,6 @@ def _factory(cfg: Config, spec: RunSpec, model: Any) -> Callable[[], nn.Module]:
     """The zero-argument builder of this rank's model (paratrain's, or the caller's)."""
     if model is None:
         def build_own() -> nn.Module:
-            from paratrain.models import build_model
 
             vocab = cfg.model.vocab_size or spec.data.vocab_size
             if vocab <= 0:
@@ -168,7 +169,6 @@ def _factory(cfg: Config, spec: RunSpec, model: Any) -> Callable[[], nn.Module]:
                 raise ConfigError(f"model.vocab_size = {vocab} is smaller than the tokenizer's "
                                   f"{spec.data.vocab_size}")
             if cfg.parallel.meta_init:  # parameters on the meta device; each rank fills its shards
-                from paratrain.parallel.meta_init import build_on_meta
 
                 return build_on_meta(lambda: build_model(cfg.model, vocab, spec.data.pad_id))
             return build_model(cfg.model, vocab, spec.data.pad_id)
@@ -180,7 +180,6 @@ def _factory(cfg: Config, spec: RunSpec, model: Any) -> Callable[[], nn.Module]:
                               "device), not a model instance")
 
         def build_meta() -> nn.Module:
-            from paratrain.parallel.meta_init import build_on_meta
 
             return build_on_meta(lambda: resolve_model(model))
 

@@ -23,6 +23,7 @@ from paratrain.data.user_data import samples_in, to_device, tokens_in
 from paratrain.fileio import write_json_atomic
 from paratrain.models import count_params
 from paratrain.parallel import GradSync, ParallelDims, make_sync, parallelize
+from paratrain.ps.strategy import PSSync
 from paratrain.training.checkpointer import Checkpointer
 from paratrain.training.metrics import MetricsLog, Progress, device_peak_flops, model_flops_per_token, peak_rss_mb
 from paratrain.training.monitor import RunMonitor
@@ -66,7 +67,6 @@ class Trainer:
         self.n_params = count_params(model)
         self.flops_per_token = model_flops_per_token(model, cfg.data.seq_len, self.n_params)
         if cfg.parallel.sync == "ps":
-            from paratrain.ps.strategy import PSSync
 
             self.sync: GradSync = PSSync(cfg, dims)
         else:

@@ -29,7 +29,10 @@ from paratrain.config import Config, ConfigError
 from paratrain.data.user_data import (
     count_items,
 )
+from paratrain.models import BERT, GPT, Seq2Seq
 from paratrain.models.loss import IGNORE, eval_stats, token_loss_sum
+from paratrain.parallel.meta_init import has_meta
+from paratrain.parallel.pipeline_foreign import n_stages
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -106,7 +109,6 @@ def check_plans(cfg: Config, model_name: str, tp_plan: Any, pp_split: Any) -> No
             "paratrain.train(..., pp_split=['module.name where stage 2 starts', ...])"
         )
     if p.pp > 1:
-        from paratrain.parallel.pipeline_foreign import n_stages
 
         if p.tp > 1:
             raise ConfigError(f"parallel.tp > 1 with pp > 1 is not supported for {model_name} (a traced pipeline "
@@ -129,7 +131,6 @@ def is_own_spec(spec: Any) -> bool:
 
 def check_meta(model: nn.Module, cfg: Config) -> None:
     """A model with parameters on the meta device needs a layout that materializes shards."""
-    from paratrain.parallel.meta_init import has_meta
 
     p = cfg.parallel
     if has_meta(model) and (p.zero < 2 or p.tp > 1 or p.pp > 1 or cfg.dp == 1):
@@ -248,7 +249,6 @@ class LogitsLoss:
 # ---- everything the trainer asks -------------------------------------------------------------
 def own_models() -> tuple[type[nn.Module], ...]:
     """paratrain's own architectures (which carry their own TP/PP plans and block lists)."""
-    from paratrain.models import BERT, GPT, Seq2Seq
 
     return GPT, Seq2Seq, BERT
 

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 from paratrain.config import Config, ConfigError
+from paratrain.training.handoff import load_injected, write_error
 from paratrain.training.trainer import run_worker
+from paratrain.training.user_model import is_own_spec
 
 _HELD: list = []  # the trainer, kept alive until os._exit (see run_worker)
 
@@ -29,17 +31,14 @@ def main(argv: list[str]) -> int:
     try:
         injected = {}
         if a.injected is not None:
-            from paratrain.training.handoff import load_injected
 
             injected = load_injected(a.injected)
-        from paratrain.training.user_model import is_own_spec
 
         cfg = Config.load(a.config, own_model=is_own_spec(injected.get("model")))
         run_worker(cfg, start_time=a.start_time, hold=_HELD, **injected)
     except ConfigError as e:
         print(f"paratrain: error: {e}", file=sys.stderr)
         if a.handoff is not None:
-            from paratrain.training.handoff import write_error
 
             write_error(a.handoff, str(e))
         return 2
