@@ -146,6 +146,7 @@ def train(config: Config | str | os.PathLike | None = None, *, model: nn.Module 
     """
     from paratrain.parallel.pipeline_foreign import check_split, n_stages
     from paratrain.training import launch as L
+    from paratrain.training import rundir
     from paratrain.training.handoff import IMPORTING_MAIN
     from paratrain.training.user_model import MeanLoss, check_plans, is_own_spec, own_models
 
@@ -169,21 +170,24 @@ def train(config: Config | str | os.PathLike | None = None, *, model: nn.Module 
                                       tp_plan=tp_plan, pp_split=list(pp_split) if pp_split else None).items()
                 if v is not None}
     own_data = train_data is None
-    if L.under_torchrun():
-        os.environ.setdefault("PARATRAIN_START_TIME", repr(time.time()))
-        if int(os.environ.get("RANK", "0")) == 0:
+    with rundir.hold(cfg) as done:  # one writer per run dir; a finished resumed run is not retrained
+        if done is not None:
+            return _finish(cfg, done)
+        if L.under_torchrun():
+            os.environ.setdefault("PARATRAIN_START_TIME", repr(time.time()))
+            if int(os.environ.get("RANK", "0")) == 0:
+                L.prepare_run_dir(cfg)
+            if own_data:
+                L._prepare_data(cfg)
+            return _finish(cfg, L.run_worker(cfg, **injected))
+        os.environ["PARATRAIN_START_TIME"] = repr(time.time())
+        L._check_resume(cfg)
+        if cfg.parallel.nproc == 1 and cfg.parallel.sync != "ps":
             L.prepare_run_dir(cfg)
-        if own_data:
-            L._prepare_data(cfg)
-        return _finish(cfg, L.run_worker(cfg, **injected))
-    os.environ["PARATRAIN_START_TIME"] = repr(time.time())
-    L._check_resume(cfg)
-    if cfg.parallel.nproc == 1 and cfg.parallel.sync != "ps":
-        L.prepare_run_dir(cfg)
-        if own_data:
-            L._prepare_data(cfg)
-        return _finish(cfg, L.run_worker(cfg, **injected))
-    return _finish(cfg, _spawn(cfg, injected, own_data))
+            if own_data:
+                L._prepare_data(cfg)
+            return _finish(cfg, L.run_worker(cfg, **injected))
+        return _finish(cfg, _spawn(cfg, injected, own_data))
 
 
 def _spawn(cfg: Config, injected: dict[str, Any], own_data: bool) -> dict[str, Any]:

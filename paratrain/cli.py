@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import os
 import sys
 
 from paratrain.config import Config, ConfigError
+from paratrain.fileio import dumps_strict
 
 # verb -> (module, one-line help).  Modules are imported only when their verb runs.
 VERBS: dict[str, tuple[str, str]] = {
@@ -54,16 +55,17 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = Config.load(args.config, overrides)
     summary = launch(cfg)
     if args.json:
-        print(json.dumps(summary))
+        print(dumps_strict(summary))
     if summary.get("status") != "ok":
         print(f"paratrain: training failed: {summary.get('error', 'see the log above')}", file=sys.stderr)
         return 1
     if "steps" not in summary:  # a process that trained nothing itself (a parameter server under torchrun)
         print(f"done: {summary.get('role', 'finished')}")
         return 0
-    vl = summary.get("val_loss")
+    vl, fl = summary.get("val_loss"), summary.get("final_loss")
     tail = f", val loss {vl:.4f}" if isinstance(vl, float) else ""
-    print(f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}{tail} -> {cfg.run_dir}")
+    loss = f", loss {fl:.4f}" if isinstance(fl, float) else ""
+    print(f"done: {summary['steps']} steps{loss}{tail} -> {cfg.run_dir}")
     return 0
 
 
@@ -130,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("paratrain: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `paratrain ... --json | head`: the reader left; end quietly like any filter
+        # stdout goes to /dev/null so the interpreter's final flush cannot raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a filter its reader left
 
 
 if __name__ == "__main__":

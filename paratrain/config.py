@@ -26,6 +26,7 @@ class RunConfig:
     name: str = "gpt-tiny"
     dir: str = ""  # default: runs/<name>
     seed: int = 1337
+    overwrite: bool = False  # a fresh run into a dir with checkpoints: clear it (else refused)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class DataConfig:
     num_samples: int = 20000  # synthetic tasks: training samples per epoch
     task_len: int = 8  # synthetic tasks: digits per operand
     mask_prob: float = 0.15  # bert masked-LM
+    verify: str = "sample"  # token shards on open: sample (a few shards' sha256 + sampled ids) | full
 
 
 @dataclass
@@ -164,6 +166,7 @@ _SECTIONS: dict[str, type] = {
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "arch"): ("gpt", "seq2seq", "bert"),
     ("data", "tokenizer"): ("byte", "bpe"),
+    ("data", "verify"): ("sample", "full"),
     ("train", "optimizer"): ("adamw", "sgd", "onebit_adam"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "activation_checkpointing"): ("none", "full", "selective"),
@@ -335,7 +338,10 @@ class Config:
             if not p.is_file():
                 raise ConfigError(f"config file '{path}' not found")
             try:
-                data = tomllib.loads(p.read_text())
+                data = tomllib.loads(p.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                                  f"offset {e.start}); save it as UTF-8") from None
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
         return cls.from_dict(data, overrides, own_model=own_model)
@@ -369,6 +375,7 @@ class Config:
             obj = getattr(self, section)
             for key, typ in _field_types(cls).items():
                 value = _coerce(section, key, getattr(obj, key), typ)
+                config_checks.check_finite(section, key, value)
                 setattr(obj, key, value)
                 choices = _CHOICES.get((section, key))
                 if choices is not None and value not in choices:

@@ -4,6 +4,7 @@ names the problem and the fix. ``Config.validate`` runs them after the per-field
 
 from __future__ import annotations
 
+import math
 import typing
 
 from paratrain.errors import ConfigError
@@ -131,3 +132,25 @@ def check_model_layout(cfg: Config) -> None:
             what = f"pp * virtual_stages = {p.pp} * {v}" if v > 1 else f"pp = {p.pp}"
             raise ConfigError(f"parallel.{what} exceeds model.n_layer = {m.n_layer}; "
                               "every pipeline stage needs at least one layer")
+
+
+def check_finite(section: str, key: str, value: typing.Any) -> None:
+    """Any float setting must be a real number: NaN and +-inf are rejected whatever the key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{section}.{key} = {value} is not a finite number; give it a real value")
+
+
+def check_runtime(cfg: Config) -> None:
+    """What only the machine that launches can tell: run.dir must be (or become) a directory, and
+    parallel.backend = "nccl" needs CUDA.  Run at launch, not in ``validate``: planning or compressing
+    for a GPU cluster on a CPU machine is fine."""
+    for p in (cfg.run_dir, *cfg.run_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"run.dir = '{cfg.run_dir}': '{p}' is a file, not a directory; "
+                              "pick another run.dir")
+    if cfg.parallel.backend == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("parallel.backend = 'nccl' needs CUDA GPUs, and torch sees none here; use "
+                              "backend = 'gloo' (or 'auto', which picks gloo on CPUs)")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from paratrain.config import Config
+from paratrain.training import rundir
 from paratrain.training.trainer import run_worker, write_summary
 
 
@@ -57,6 +58,11 @@ def under_torchrun() -> bool:
 
 def launch(cfg: Config) -> dict[str, Any]:
     """Run training per the config; returns rank 0's summary (or an error summary)."""
+    with rundir.hold(cfg) as done:  # one writer per run dir; a finished resumed run is not retrained
+        return done if done is not None else _launch(cfg)
+
+
+def _launch(cfg: Config) -> dict[str, Any]:
     if under_torchrun():
         os.environ.setdefault("PARATRAIN_START_TIME", repr(time.time()))
         from paratrain.doctor import multi_host_warning
@@ -114,6 +120,8 @@ def _launch_local(cfg: Config, run_dir: Path, worker_args: tuple[str, ...] = ())
                                                           *worker_args)
         except ChildFailedError as e:
             from paratrain.training.watchdog import read_diagnosis
+
+            rundir.raise_worker_error(run_dir, since=t0)  # a worker's user error: its one line, exit 2
 
             failures = "; ".join(_describe_failure(r, f.exitcode) for r, f in sorted(e.failures.items()))
             error = read_diagnosis(run_dir, since=t0) or f"worker failed: {failures}"

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from paratrain.fileio import dumps_strict
+
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MB (Linux reports ru_maxrss in KB)."""
@@ -60,7 +62,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(dumps_strict(record) + "\n")  # strict JSON: NaN -> null
 
 
 class Progress:

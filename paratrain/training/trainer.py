@@ -162,7 +162,7 @@ class Trainer:
                 f"checkpoint {path} was saved by a '{meta.get('strategy')}' run without a DCP copy; "
                 "resume it with a data-parallel layout (zero = 0, tp = pp = 1)")
         else:
-            self.strategy.load_model_state(self.model, ckpt.load_file(path, "model.pt"))
+            self.strategy.load_model_state(self.model, ckpt.load_model(path, self.model))
         if (path / name).exists() and self.optimizer:
             optim = ckpt.load_file(path, name)
             if optim["optimizer"]:
@@ -273,7 +273,7 @@ class Trainer:
         timed_tokens, timed_s, comm_total, comm_steps = 0, 0.0, 0, 0
         warmup = min(3, max(0, (cfg.train.steps - self.step) // 5))
         first_step = self.step
-        last_loss, last_eval = float("nan"), {}
+        last_loss, last_eval, diverged = float("nan"), {}, ""
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
             loss_sum, n_global = self.train_step()
@@ -308,9 +308,12 @@ class Trainer:
                 log.write(record)
                 extra = f" | val {last_eval['val_loss']:.4f}" if "val_loss" in record else ""
                 progress.update(self.step, loss, tok_s, extra)
+            if log_now and not math.isfinite(loss):  # the same all-reduced value on every rank
+                diverged = f"diverged: loss is {loss} at step {self.step}; lower train.lr or raise train.warmup_steps"
+                break
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save()
-        if cfg.checkpoint.keep and not cfg.checkpoint.every and self.step > first_step:
+        if not diverged and ckpt.final_save_due(cfg.checkpoint, self.step, first_step):
             self.save()
         progress.close()
         rss = [r[0] for r in d.gather_floats([peak_rss_mb()])]
@@ -318,7 +321,8 @@ class Trainer:
         tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
         samples_per_s = tokens_per_s * self.samples_per_step / max(1, self.tokens_per_step)
         summary = {
-            "status": "ok",
+            "status": "diverged" if diverged else "ok",
+            **({"error": diverged} if diverged else {}),
             "steps": self.step,
             "final_loss": last_loss,
             "val_loss": last_eval.get("val_loss"),

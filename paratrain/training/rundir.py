@@ -1,0 +1,242 @@
+"""One writer per run directory, runs that never mix, and workers that die with their launcher.
+
+:func:`hold` wraps a launch.  It checks what only the launching machine can tell (run.dir is a
+directory, NCCL has CUDA), then, in the launcher (rank 0 under torchrun):
+
+* locks ``RUN_DIR/.lock`` with ``flock`` and writes the owner's pid, host and start time into it.
+  A second run into the same directory stops with one line naming the owner.  The kernel drops
+  the lock when its process dies however it dies, so a lock left by a killed job is stale and
+  the next run takes it over (and says so);
+* refuses a fresh run into a directory that holds checkpoints (``checkpoint.resume = true``
+  continues it, ``run.overwrite = true`` clears paratrain's outputs from it first);
+* yields the finished summary instead of training when a resumed run already reached
+  ``train.steps``.
+
+:func:`die_with_parent` is for processes a launcher starts: they get SIGKILL when it dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from paratrain.config import Config, ConfigError
+from paratrain.config_checks import check_runtime
+from paratrain.fileio import write_json_atomic
+
+LOCK_FILE = ".lock"
+WORKER_ERROR = "worker_error.json"
+LAUNCHER_PID_ENV = "PARATRAIN_LAUNCHER_PID"
+# what run.overwrite = true removes: paratrain's own outputs, never anything else in the directory
+OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "goodput.json", "goodput.progress", "hang",
+           "tensorboard", "ps", "report.md", WORKER_ERROR)
+
+_held: dict[Path, tuple[int, int]] = {}  # resolved run dir -> (lock fd, nesting depth) in this process
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Make this process receive ``sig`` when its parent dies.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG)``.  Everywhere: a daemon thread that polls the parent pid,
+    which also covers a parent that died before the prctl (then the pid already differs from
+    ``PARATRAIN_LAUNCHER_PID``, which the launcher exports to the processes it starts).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # 1 = PR_SET_PDEATHSIG
+    parent = int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid())
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=watch, name="paratrain-parent-watch", daemon=True).start()
+
+
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@contextlib.contextmanager
+def hold(cfg: Config) -> Iterator[dict[str, Any] | None]:
+    """The launch's hold on ``cfg.run_dir`` (see the module docstring).
+
+    Yields the saved summary when a resumed run is already finished (the caller then returns it
+    without training), else None.  Every process of a torchrun job enters; rank 0 locks."""
+    check_runtime(cfg)
+    if _under_torchrun():
+        die_with_parent()
+        if int(os.environ["RANK"]) != 0:
+            yield finished(cfg)
+            return
+    run_dir = cfg.run_dir
+    key = _acquire(run_dir)
+    saved = os.environ.get(LAUNCHER_PID_ENV)
+    try:
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:  # a restart continues its own run
+            _check_fresh(cfg)
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+        yield finished(cfg)
+    finally:
+        if saved is None:
+            os.environ.pop(LAUNCHER_PID_ENV, None)
+        else:
+            os.environ[LAUNCHER_PID_ENV] = saved
+        _release(key)
+
+
+def _owner_text(info: dict[str, Any]) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("start_time", 0)))
+    return f"pid {info.get('pid')} on {info.get('host')} (started {started})"
+
+
+def _read_owner(fd: int) -> dict[str, Any]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        info = json.loads(os.read(fd, 4096) or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _alive(info: dict[str, Any]) -> bool:
+    """Whether the owner named in a lock file still runs (only knowable on its own host)."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return True
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _acquire(run_dir: Path) -> Path:
+    """Lock ``run_dir`` for this process (re-entrant); ConfigError when another process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = run_dir.resolve()
+    if key in _held:
+        fd, depth = _held[key]
+        _held[key] = (fd, depth + 1)
+        return key
+    path = key / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # held by a live process
+                owner = _read_owner(fd)
+                os.close(fd)
+                raise ConfigError(f"run dir {run_dir} is in use by another run ({_owner_text(owner)}); wait for "
+                                  "it to finish or stop it, or pick another --run.dir") from None
+            locked = False  # no flock on this file system: judge by the owner's pid
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder released (unlinked) it between our open and flock: retry
+            break
+        os.close(fd)
+    previous = _read_owner(fd)
+    if previous.get("pid") not in (None, os.getpid()):
+        if not locked and _alive(previous):
+            os.close(fd)
+            raise ConfigError(f"run dir {run_dir} is in use by another run ({_owner_text(previous)}); wait for it "
+                              "to finish or stop it, or pick another --run.dir")
+        print(f"paratrain: taking over the stale lock of {run_dir} left by {_owner_text(previous)}, "
+              "which is no longer running", file=sys.stderr)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": time.time(), "argv": sys.argv}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    _held[key] = (fd, 1)
+    return key
+
+
+def _release(key: Path) -> None:
+    fd, depth = _held[key]
+    if depth > 1:
+        _held[key] = (fd, depth - 1)
+        return
+    del _held[key]
+    with contextlib.suppress(FileNotFoundError):
+        (key / LOCK_FILE).unlink()  # while still locked: a waiter that opened it retries on the new file
+    os.close(fd)
+
+
+def _check_fresh(cfg: Config) -> None:
+    """A fresh run must not mix with an earlier run's checkpoints: refuse, or clear with run.overwrite."""
+    from paratrain.training import checkpoint as ckpt
+
+    c, run_dir = cfg.checkpoint, cfg.run_dir
+    if c.resume or c.path:
+        return
+    found = ckpt.list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        return
+    if not cfg.run.overwrite:
+        raise ConfigError(f"run dir {run_dir} holds checkpoints of an earlier run (newest: {found[-1].name}); "
+                          "continue it with --checkpoint.resume=true, start over with --run.overwrite=true, "
+                          "or pick another --run.dir")
+    for name in OUTPUTS:
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    print(f"paratrain: run.overwrite = true: cleared the earlier run's outputs from {run_dir}", file=sys.stderr)
+
+
+def finished(cfg: Config) -> dict[str, Any] | None:
+    """The summary of a resumed run whose newest checkpoint already reached ``train.steps``, else None."""
+    from paratrain.training import checkpoint as ckpt
+
+    c = cfg.checkpoint
+    newest = ckpt.latest(cfg.run_dir / "checkpoints") if c.resume and not c.path else None
+    if newest is None:
+        return None
+    step = int(ckpt.load_file(newest, "meta.json")["step"])
+    if step < cfg.train.steps:
+        return None
+    try:
+        summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict) or summary.get("status") != "ok" or summary.get("steps") != step:
+        summary = {"status": "ok", "steps": step, "final_loss": None}
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"paratrain: {cfg.run_dir} already finished at step {step} (train.steps = {cfg.train.steps}); "
+              "nothing to do (raise train.steps to train further)", file=sys.stderr)
+    return summary
+
+
+def write_worker_error(run_dir: Path, message: str) -> None:
+    """A worker's user error, for the launcher to report as its own one line (exit code 2)."""
+    with contextlib.suppress(OSError):
+        write_json_atomic(run_dir / WORKER_ERROR, {"error": message, "time": time.time()})
+
+
+def raise_worker_error(run_dir: Path, since: float) -> None:
+    """Raise the user error a worker of this launch (started at ``since``) recorded, if any."""
+    try:
+        rec = json.loads((run_dir / WORKER_ERROR).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(rec, dict) and rec.get("time", 0) >= since and isinstance(rec.get("error"), str):
+        raise ConfigError(rec["error"])
