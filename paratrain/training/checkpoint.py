@@ -165,10 +165,15 @@ def load_model(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     return state
 
 
+def periodic_save_due(c: Any, step: int) -> bool:
+    """Whether ``checkpoint.every`` asks for a checkpoint after ``step`` (``c``: the [checkpoint] section)."""
+    return bool(c.every) and step % c.every == 0
+
+
 def final_save_due(c: Any, step: int, first_step: int) -> bool:
     """After the loop: save the last step when checkpoints are on (``every`` or ``keep`` > 0),
     it trained at least one step, and the periodic save did not just write it."""
-    return bool(c.every or c.keep) and step > first_step and not (c.every and step % c.every == 0)
+    return bool(c.every or c.keep) and step > first_step and not periodic_save_due(c, step)
 
 
 def load_file(path: Path, name: str) -> Any:

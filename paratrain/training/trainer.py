@@ -279,7 +279,8 @@ class Trainer:
             loss_sum, n_global = self.train_step()
             self.strategy.observe_loss(loss_sum, n_global)
             self.step += 1
-            log_now = self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
+            log_now = (self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
+                       or ckpt.periodic_save_due(cfg.checkpoint, self.step))  # its loss is checked first
             loss = self.reduced_loss(loss_sum, n_global) if log_now else last_loss
             if d.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -311,7 +312,7 @@ class Trainer:
             if log_now and not math.isfinite(loss):  # the same all-reduced value on every rank
                 diverged = f"diverged: loss is {loss} at step {self.step}; lower train.lr or raise train.warmup_steps"
                 break
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+            if ckpt.periodic_save_due(cfg.checkpoint, self.step):
                 self.save()
         if not diverged and ckpt.final_save_due(cfg.checkpoint, self.step, first_step):
             self.save()
