@@ -43,7 +43,8 @@ LAUNCHER_PID_ENV = "PARATRAIN_LAUNCHER_PID"
 OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "goodput.json", "goodput.progress", "hang",
            "tensorboard", "ps", "report.md", WORKER_ERROR)
 
-_held: dict[Path, tuple[int, int]] = {}  # resolved run dir -> (lock fd, nesting depth) in this process
+# resolved run dir -> (lock fd, nesting depth, the topmost directory this lock created or None)
+_held: dict[Path, tuple[int, int, Path | None]] = {}
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -128,13 +129,32 @@ def _alive(info: dict[str, Any]) -> bool:
 
 def _acquire(run_dir: Path) -> Path:
     """Lock ``run_dir`` for this process (re-entrant); ConfigError when another process holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     key = run_dir.resolve()
     if key in _held:
-        fd, depth = _held[key]
-        _held[key] = (fd, depth + 1)
+        fd, depth, created = _held[key]
+        _held[key] = (fd, depth + 1, created)
         return key
-    path = key / LOCK_FILE
+    missing = [d for d in (key, *key.parents) if not d.exists()]
+    key.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = _lock(run_dir, key / LOCK_FILE)
+    except ConfigError:
+        _remove_empty(key, missing[-1] if missing else None)
+        raise
+    previous = _read_owner(fd)
+    if previous.get("pid") not in (None, os.getpid()):
+        print(f"paratrain: taking over the stale lock of {run_dir} left by {_owner_text(previous)}, "
+              "which is no longer running", file=sys.stderr)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": time.time(), "argv": sys.argv}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    _held[key] = (fd, 1, missing[-1] if missing else None)
+    return key
+
+
+def _lock(run_dir: Path, path: Path) -> int:
+    """An open fd of ``path`` holding its flock (or, where the file system has no flock, one whose
+    previous owner is gone)."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -155,29 +175,36 @@ def _acquire(run_dir: Path) -> Path:
             break
         os.close(fd)
     previous = _read_owner(fd)
-    if previous.get("pid") not in (None, os.getpid()):
-        if not locked and _alive(previous):
-            os.close(fd)
-            raise ConfigError(f"run dir {run_dir} is in use by another run ({_owner_text(previous)}); wait for it "
-                              "to finish or stop it, or pick another --run.dir")
-        print(f"paratrain: taking over the stale lock of {run_dir} left by {_owner_text(previous)}, "
-              "which is no longer running", file=sys.stderr)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": time.time(), "argv": sys.argv}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
-    _held[key] = (fd, 1)
-    return key
+    if previous.get("pid") not in (None, os.getpid()) and not locked and _alive(previous):
+        os.close(fd)
+        raise ConfigError(f"run dir {run_dir} is in use by another run ({_owner_text(previous)}); wait for it "
+                          "to finish or stop it, or pick another --run.dir")
+    return fd
 
 
 def _release(key: Path) -> None:
-    fd, depth = _held[key]
+    fd, depth, created = _held[key]
     if depth > 1:
-        _held[key] = (fd, depth - 1)
+        _held[key] = (fd, depth - 1, created)
         return
     del _held[key]
     with contextlib.suppress(FileNotFoundError):
         (key / LOCK_FILE).unlink()  # while still locked: a waiter that opened it retries on the new file
     os.close(fd)
+    _remove_empty(key, created)
+
+
+def _remove_empty(key: Path, created: Path | None) -> None:
+    """A launch that stopped before writing anything leaves no directory behind."""
+    if created is None:
+        return
+    for d in (key, *key.parents):
+        try:
+            d.rmdir()
+        except OSError:  # not empty (the run wrote something), or gone
+            return
+        if d == created:
+            return
 
 
 def _check_fresh(cfg: Config) -> None:
