@@ -191,7 +191,8 @@ def verify_shards(d: Path, meta: dict[str, Any], mode: str = "sample") -> None:
 
     shards = [s for s in meta["shards"] if int(s["tokens"]) > 0]
     vocab = int(meta["vocab_size"])
-    full = set(range(len(shards))) if mode == "full" else set(random.sample(range(len(shards)), min(4, len(shards))))
+    pick = random.Random().sample(range(len(shards)), min(4, len(shards)))  # own RNG: the global one is the user's
+    full = set(range(len(shards))) if mode == "full" else set(pick)
     for i, s in enumerate(shards):
         f, n = d / s["file"], int(s["tokens"])
         if i in full and sha256_file(f) != s["sha256"]:
