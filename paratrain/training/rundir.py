@@ -47,17 +47,23 @@ OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "goodput.json", "good
 _held: dict[Path, tuple[int, int, Path | None]] = {}
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Make this process receive ``sig`` when its parent dies.
-
-    Linux: ``prctl(PR_SET_PDEATHSIG)``.  Everywhere: a daemon thread that polls the parent pid,
-    which also covers a parent that died before the prctl (then the pid already differs from
-    ``PARATRAIN_LAUNCHER_PID``, which the launcher exports to the processes it starts).
-    """
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Linux: the kernel sends ``sig`` to this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``);
+    a no-op elsewhere.  Starts no thread, so it also serves as a ``preexec_fn``."""
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # 1 = PR_SET_PDEATHSIG
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Make this process receive ``sig`` when its parent dies.
+
+    :func:`set_parent_death_signal`, plus a daemon thread that polls the parent pid: that also
+    covers systems without prctl and a parent that died before the prctl (then the pid already
+    differs from ``PARATRAIN_LAUNCHER_PID``, which the launcher exports to the processes it starts).
+    """
+    set_parent_death_signal(sig)
     parent = int(os.environ.get(LAUNCHER_PID_ENV) or os.getppid())
 
     def watch() -> None:
