@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -84,18 +85,20 @@ class Progress:
         bar = "#" * filled + "-" * (width - filled)
         line = (f"step {step:>6}/{self.total} [{bar}] loss {loss:.4f} | {tokens_per_s:,.0f} tok/s"
                 f" | eta {eta:4.0f}s{extra}")
-        if self.tty:
-            sys.stdout.write("\r" + line)
-        else:
-            sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        self._write("\r" + line if self.tty else line + "\n")
 
     def log(self, text: str) -> None:
         if self.enabled:
-            sys.stdout.write(("\n" if self.tty else "") + text + "\n")
-            sys.stdout.flush()
+            self._write(("\n" if self.tty else "") + text + "\n")
 
     def close(self) -> None:
         if self.tty:
-            sys.stdout.write("\n")
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            sys.stdout.write(text)
             sys.stdout.flush()
+        except BrokenPipeError:  # the reader of a piped stdout left (`| head`): train on, print no more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self.enabled = self.tty = False

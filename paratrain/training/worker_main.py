@@ -41,6 +41,9 @@ def main(argv: list[str]) -> int:
 
             write_error(injected_file.parent, str(e))
         return 2
+    except BrokenPipeError:  # stdout was a pipe whose reader left (`paratrain train ... | head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 
