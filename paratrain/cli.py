@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from paratrain.config import Config, ConfigError
-from paratrain.fileio import dumps_strict
+from paratrain.fileio import dumps_strict, stdout_to_devnull
 
 # verb -> (module, one-line help).  Modules are imported only when their verb runs.
 VERBS: dict[str, tuple[str, str]] = {
@@ -133,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print("paratrain: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `paratrain ... --json | head`: the reader left; end quietly like any filter
-        # stdout goes to /dev/null so the interpreter's final flush cannot raise again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stdout_to_devnull()
         return 141  # 128 + SIGPIPE, what a shell reports for a filter its reader left
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +49,9 @@ def write_json_atomic(path: Path | str, obj: Any, indent: int = 1) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def stdout_to_devnull() -> None:
+    """Point this process's stdout at /dev/null: after its reader left (``| head``), later writes
+    and the interpreter's final flush succeed silently instead of raising BrokenPipeError."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -12,7 +11,7 @@ from typing import Any
 
 import torch
 
-from paratrain.fileio import dumps_strict
+from paratrain.fileio import dumps_strict, stdout_to_devnull
 
 
 def peak_rss_mb() -> float:
@@ -100,5 +99,5 @@ class Progress:
             sys.stdout.write(text)
             sys.stdout.flush()
         except BrokenPipeError:  # the reader of a piped stdout left (`| head`): train on, print no more
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            stdout_to_devnull()
             self.enabled = self.tty = False

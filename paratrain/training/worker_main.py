@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from paratrain.config import Config, ConfigError
+from paratrain.fileio import stdout_to_devnull
 from paratrain.training.rundir import die_with_parent, write_worker_error
 from paratrain.training.trainer import run_worker
 
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> int:
             write_error(injected_file.parent, str(e))
         return 2
     except BrokenPipeError:  # stdout was a pipe whose reader left (`paratrain train ... | head`): end quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stdout_to_devnull()
         return 141
     return 0
 
