@@ -31,7 +31,8 @@ def mse(model: nn.Module, batch) -> torch.Tensor:  # the mean loss over the batc
 
 if __name__ == "__main__":
     cfg = paratrain.Config.load(overrides=["--run.dir=runs/custom-mlp", "--parallel.nproc=2", "--train.steps=200",
-                                           "--data.batch_size=64", "--train.eval_every=50", *sys.argv[1:]])
+                                           "--data.batch_size=64", "--train.eval_every=50", "--run.overwrite=true",
+                                           *sys.argv[1:]])  # a re-run starts over
     result = paratrain.train(cfg, model=make_model, loss_fn=mse, train_data=regression(4096, seed=0),
                              val_data=regression(512, seed=1))
     print(f"final loss {result.final_loss:.4f}, val loss {result.val_loss:.4f}, run dir {result.run_dir}")

@@ -32,7 +32,7 @@ if __name__ == "__main__":
     cfg = paratrain.Config.load(overrides=[
         "--run.dir=runs/hf-gpt2", "--data.source=stdlib", f"--data.seq_len={SEQ_LEN}", "--data.batch_size=8",
         "--parallel.nproc=2", "--train.steps=200", "--train.lr=1e-3", "--train.eval_every=50",
-        "--checkpoint.every=100", *sys.argv[1:],
+        "--checkpoint.every=100", "--run.overwrite=true", *sys.argv[1:],  # a re-run starts over
     ])
     result = paratrain.train(cfg, model=make_gpt2)
     print(f"{result.summary['strategy']}: final loss {result.final_loss:.3f}, val loss {result.val_loss:.3f}, "

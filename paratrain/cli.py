@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from collections.abc import Callable
 
 from paratrain import __version__
 from paratrain.config import Config, ConfigError
+from paratrain.fileio import dumps_strict, stdout_to_devnull
 from paratrain.overrides import split_overrides
 
 # verb -> (module, one-line help).  Modules are imported only when their verb runs.
@@ -72,16 +72,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = Config.load(args.config, args.overrides)
     summary = launch(cfg)
     if args.json:
-        print(json.dumps(summary))
+        print(dumps_strict(summary))
     if summary.get("status") != "ok":
         print(f"paratrain: training failed: {summary.get('error', 'see the log above')}", file=sys.stderr)
         return 1
     if "steps" not in summary:  # a process that trained nothing itself (a parameter server under torchrun)
         print(f"done: {summary.get('role', 'finished')}")
         return 0
-    vl = summary.get("val_loss")
+    vl, fl = summary.get("val_loss"), summary.get("final_loss")
     tail = f", val loss {vl:.4f}" if isinstance(vl, float) else ""
-    print(f"done: {summary['steps']} steps, loss {summary['final_loss']:.4f}{tail} -> {cfg.run_dir}")
+    loss = f", loss {fl:.4f}" if isinstance(fl, float) else ""
+    print(f"done: {summary['steps']} steps{loss}{tail} -> {cfg.run_dir}")
     return 0
 
 
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("paratrain: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `paratrain ... --json | head`: the reader left; end quietly like any filter
+        stdout_to_devnull()
+        return 141  # 128 + SIGPIPE, what a shell reports for a filter its reader left
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class RunConfig:
     name: str = "gpt-tiny"  # run name; the run directory defaults to runs/<name>
     dir: str = ""  # run directory (config.toml, metrics.jsonl, summary.json, checkpoints/); empty: runs/<name>
     seed: int = 1337  # seeds model initialisation, data order and dropout on every rank
+    overwrite: bool = False  # a fresh run into a dir with checkpoints clears them first (else it is refused)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class DataConfig:
     num_samples: int = 20000  # synthetic tasks: training samples per epoch
     task_len: int = 8  # synthetic tasks: digits per operand
     mask_prob: float = 0.15  # bert masked-LM: share of tokens masked
+    verify: str = "sample"  # token shards checked on open: a few shards' sha256 and sampled ids, or every shard
 
 
 @dataclass
@@ -183,6 +185,7 @@ _SECTIONS: dict[str, type] = {
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "arch"): ("gpt", "seq2seq", "bert"),
     ("data", "tokenizer"): ("byte", "bpe"),
+    ("data", "verify"): ("sample", "full"),
     ("train", "optimizer"): ("adamw", "sgd", "onebit_adam"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "activation_checkpointing"): ("none", "full", "selective"),
@@ -312,7 +315,10 @@ class Config:
             if not p.is_file():
                 raise ConfigError(f"config file '{path}' not found")
             try:
-                data = tomllib.loads(p.read_text())
+                data = tomllib.loads(p.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                                  f"offset {e.start}); save it as UTF-8") from None
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
         return cls.from_dict(data, overrides, own_model=own_model)
@@ -346,6 +352,7 @@ class Config:
             obj = getattr(self, section)
             for key, typ in config_checks.field_types(cls).items():
                 value = config_checks.coerce(f"{section}.{key}", getattr(obj, key), typ)
+                config_checks.check_finite(section, key, value)
                 setattr(obj, key, value)
                 config_checks.check_field(f"{section}.{key}", value, _CHOICES.get((section, key)),
                                           _RANGES.get((section, key), (None, None)))

@@ -178,3 +178,25 @@ def check_field(where: str, value: Any, choices: tuple[str, ...] | None,
         raise ConfigError(f"{where} = {value} is below its minimum {lo}")
     if hi is not None and value > hi:
         raise ConfigError(f"{where} = {value} is above its maximum {hi}")
+
+
+def check_finite(section: str, key: str, value: typing.Any) -> None:
+    """Any float setting must be a real number: NaN and +-inf are rejected whatever the key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{section}.{key} = {value} is not a finite number; give it a real value")
+
+
+def check_runtime(cfg: Config) -> None:
+    """What only the machine that launches can tell: run.dir must be (or become) a directory, and
+    parallel.backend = "nccl" needs CUDA.  Run at launch, not in ``validate``: planning or compressing
+    for a GPU cluster on a CPU machine is fine."""
+    for p in (cfg.run_dir, *cfg.run_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"run.dir = '{cfg.run_dir}': '{p}' is a file, not a directory; "
+                              "pick another run.dir")
+    if cfg.parallel.backend == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("parallel.backend = 'nccl' needs CUDA GPUs, and torch sees none here; use "
+                              "backend = 'gloo' (or 'auto', which picks gloo on CPUs)")

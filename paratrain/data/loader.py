@@ -220,7 +220,7 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> DataBundle:
         )
         task, exact, vocab = ("seq2seq-task" if arch == "seq2seq" else "lm-task"), True, tok.vocab_size
     else:
-        stream = TokenStream(cached_corpus(d.source, d.tokenizer))
+        stream = TokenStream(cached_corpus(d.source, d.tokenizer), verify=d.verify)
         tok, vocab = stream.tokenizer, stream.vocab_size
         if arch == "bert":
             train_ds, val_ds = (

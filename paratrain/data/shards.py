@@ -103,6 +103,8 @@ def prepare(
     files = [Path(f) for f in files]
     if not files:
         raise ConfigError("nothing to prepare: the source has no files")
+    if all(f.stat().st_size == 0 for f in files):  # checked before the output dir is touched
+        raise ConfigError(f"nothing to prepare: the source's {len(files)} file(s) are all empty; give it some text")
     if shard_tokens < 1:
         raise ConfigError(f"shard_tokens = {shard_tokens} must be at least 1")
     if max_memory_mb <= 0:
@@ -151,7 +153,7 @@ def _bad(d: Path, problem: str) -> ConfigError:
 
 
 def read_meta(shard_dir: str | Path, verify: bool = False) -> dict[str, Any]:
-    """Load and check ``meta.json`` and the shard files it lists (sizes; sha256 if ``verify``)."""
+    """Load and check ``meta.json`` and the shard files it lists (sizes; contents if ``verify``)."""
     d = Path(shard_dir)
     path = d / META
     if not path.is_file():
@@ -174,19 +176,47 @@ def read_meta(shard_dir: str | Path, verify: bool = False) -> dict[str, Any]:
             raise _bad(d, f"is missing {s['file']}")
         if f.stat().st_size != int(s["tokens"]) * DTYPE.itemsize:
             raise _bad(d, f"has {s['file']} of the wrong size (truncated or overwritten)")
-        if verify and sha256_file(f) != s["sha256"]:
-            raise _bad(d, f"has {s['file']} with a wrong sha256 (corrupted)")
+    if verify:
+        verify_shards(d, meta, "full")
     return meta
 
 
+def verify_shards(d: Path, meta: dict[str, Any], mode: str = "sample") -> None:
+    """Check shard contents against ``meta.json``: sha256 and every token id below ``vocab_size``.
+
+    ``mode = "full"`` reads every shard whole.  ``"sample"`` (the default of ``data.verify``) hashes
+    up to 4 shards chosen at random on each open (all of them when there are no more) and checks
+    the ids of 3 windows of 64 Ki tokens (start, middle, end) in every other shard."""
+    import random
+
+    shards = [s for s in meta["shards"] if int(s["tokens"]) > 0]
+    vocab = int(meta["vocab_size"])
+    pick = random.Random().sample(range(len(shards)), min(4, len(shards)))  # own RNG: the global one is the user's
+    full = set(range(len(shards))) if mode == "full" else set(pick)
+    for i, s in enumerate(shards):
+        f, n = d / s["file"], int(s["tokens"])
+        if i in full and sha256_file(f) != s["sha256"]:
+            raise _bad(d, f"has {s['file']} with a wrong sha256 (corrupted or overwritten)")
+        tokens = np.memmap(f, dtype=DTYPE, mode="r", shape=(n,))
+        w = 1 << 16
+        spans = [(0, n)] if i in full else [(0, w), (max(0, n // 2 - w // 2), n // 2 + w // 2), (max(0, n - w), n)]
+        for a, b in spans:
+            for lo in range(a, min(b, n), 1 << 24):
+                top = int(tokens[lo:min(b, n, lo + (1 << 24))].max(initial=0))
+                if top >= vocab:
+                    raise _bad(d, f"has token id {top} in {s['file']}, outside its vocabulary of {vocab} "
+                                  "(corrupted, or made with another tokenizer)")
 
 
 class TokenStream:
     """All tokens of a shard directory as one read-only sequence (memory-mapped, not loaded)."""
 
-    def __init__(self, shard_dir: str | Path, verify: bool = False) -> None:
+    def __init__(self, shard_dir: str | Path, verify: bool | str = False) -> None:
+        # verify: True / "full" reads every shard whole, "sample" a cheap part (see verify_shards)
         self.dir = Path(shard_dir)
-        self.meta = read_meta(self.dir, verify=verify)
+        self.meta = read_meta(self.dir)
+        if verify:
+            verify_shards(self.dir, self.meta, "sample" if verify == "sample" else "full")
         self._maps = [np.memmap(self.dir / s["file"], dtype=DTYPE, mode="r", shape=(int(s["tokens"]),))
                       for s in self.meta["shards"] if int(s["tokens"]) > 0]
         self._starts = [0]

@@ -25,6 +25,7 @@ import torch
 from paratrain import checkpoint as ckpt
 from paratrain.parallel import dist_checkpoint
 from paratrain.parallel.dims import ParallelDims
+from paratrain.parallel.sync import unwrap
 
 
 class Checkpointer:
@@ -85,7 +86,7 @@ class Checkpointer:
                 f"checkpoint {path} was saved by a '{meta.get('strategy')}' run without a DCP copy; "
                 "resume it with a data-parallel layout (zero = 0, tp = pp = 1)")
         else:
-            sync.load_model_state(model, ckpt.load_file(path, "model.pt"))
+            sync.load_model_state(model, ckpt.load_model(path, unwrap(model).state_dict()))
         if (path / name).exists() and optimizer:
             optim = ckpt.load_file(path, name)
             if optim["optimizer"]:

@@ -33,6 +33,7 @@ from paratrain.data import cached_corpus
 from paratrain.doctor import multi_host_warning
 from paratrain.parallel.sharding import MALLOC_ENV
 from paratrain.ps.launch import local_servers, run_torchrun_role
+from paratrain.training import rundir
 from paratrain.training.handoff import read_error, save_injected
 from paratrain.training.supervisor import JobResult, Supervisor
 from paratrain.training.trainer import run_worker, write_summary
@@ -75,10 +76,16 @@ def launch(cfg: Config, injected: dict[str, Any] | None = None) -> dict[str, Any
     """Run training per ``cfg``; returns rank 0's summary (or an error summary).
 
     ``injected``: the Python API's objects (``model``, ``loss_fn``, ``train_data``, ``val_data``,
-    ``tp_plan``, ``pp_split``), already validated by :func:`paratrain.train`.
+    ``tp_plan``, ``pp_split``), already validated by :func:`paratrain.train`.  The run dir is
+    held for the length of the launch (:func:`paratrain.training.rundir.hold`: one writer, runs
+    that never mix, a finished run resumed is not trained again).
     """
+    with rundir.hold(cfg) as done:
+        return done if done is not None else _launch(cfg, dict(injected or {}))
+
+
+def _launch(cfg: Config, injected: dict[str, Any]) -> dict[str, Any]:
     start_time = time.time()
-    injected = dict(injected or {})
     own_data = "train_data" not in injected
     if under_torchrun():
         if int(os.environ["RANK"]) == 0:
@@ -87,7 +94,6 @@ def launch(cfg: Config, injected: dict[str, Any] | None = None) -> dict[str, Any
         if own_data:
             prepare_data(cfg)
         if cfg.parallel.sync == "ps":  # roles by rank: servers first, then workers
-
             if (server_summary := run_torchrun_role(cfg)) is not None:
                 return server_summary
         return run_worker(cfg, start_time=start_time, **injected)

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from paratrain.fileio import dumps_strict, stdout_to_devnull
+
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MB (Linux reports ru_maxrss in KB)."""
@@ -61,7 +63,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(dumps_strict(record) + "\n")  # strict JSON: NaN -> null
 
 
 class Progress:
@@ -83,21 +85,23 @@ class Progress:
         bar = "#" * filled + "-" * (width - filled)
         line = (f"step {step:>6}/{self.total} [{bar}] loss {loss:.4f} | {tokens_per_s:,.0f} tok/s"
                 f" | eta {eta:4.0f}s{extra}")
-        if self.tty:
-            sys.stdout.write("\r" + line)
-        else:
-            sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        self._write("\r" + line if self.tty else line + "\n")
 
     def log(self, text: str) -> None:
         if self.enabled:
-            sys.stdout.write(("\n" if self.tty else "") + text + "\n")
-            sys.stdout.flush()
+            self._write(("\n" if self.tty else "") + text + "\n")
 
     def close(self) -> None:
         if self.tty:
-            sys.stdout.write("\n")
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            sys.stdout.write(text)
             sys.stdout.flush()
+        except BrokenPipeError:  # the reader of a piped stdout left (`| head`): train on, print no more
+            stdout_to_devnull()
+            self.enabled = self.tty = False
 
 
 def model_flops_per_token(model: nn.Module, seq_len: int, n_params: int) -> float:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from paratrain import checkpoint as ckpt
 from paratrain.config import Config
 from paratrain.data.user_data import samples_in, to_device, tokens_in
 from paratrain.fileio import write_json_atomic
@@ -178,13 +179,14 @@ class Trainer:
         timed_tokens, timed_s, comm_total, comm_steps = 0, 0.0, 0, 0
         warmup = min(3, max(0, (cfg.train.steps - self.step) // 5))
         first_step = self.step
-        last_loss, last_eval = float("nan"), {}
+        last_loss, last_eval, diverged = float("nan"), {}, ""
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
             loss_sum, n_global = self.train_step()
             self.sync.observe_loss(loss_sum, n_global)
             self.step += 1
-            log_now = self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
+            log_now = (self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
+                       or ckpt.periodic_save_due(cfg.checkpoint, self.step))  # its loss is checked first
             loss = self.reduced_loss(loss_sum, n_global) if log_now else last_loss
             if d.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -213,9 +215,12 @@ class Trainer:
                 log.write(record)
                 extra = f" | val {last_eval['val_loss']:.4f}" if "val_loss" in record else ""
                 progress.update(self.step, loss, tok_s, extra)
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+            if log_now and not math.isfinite(loss):  # the same all-reduced value on every rank
+                diverged = f"diverged: loss is {loss} at step {self.step}; lower train.lr or raise train.warmup_steps"
+                break
+            if ckpt.periodic_save_due(cfg.checkpoint, self.step):
                 self.save()
-        if cfg.checkpoint.keep and not cfg.checkpoint.every and self.step > first_step:
+        if not diverged and ckpt.final_save_due(cfg.checkpoint, self.step, first_step):
             self.save()
         progress.close()
         rss = [r[0] for r in self.sync.gather_floats([peak_rss_mb()])]
@@ -223,7 +228,8 @@ class Trainer:
         tokens_per_s = timed_tokens / timed_s if timed_s else 0.0
         samples_per_s = tokens_per_s * self.samples_per_step / max(1, self.tokens_per_step)
         summary = {
-            "status": "ok",
+            "status": "diverged" if diverged else "ok",
+            **({"error": diverged} if diverged else {}),
             "steps": self.step,
             "final_loss": last_loss,
             "val_loss": last_eval.get("val_loss"),

@@ -1,9 +1,11 @@
 """Entry point of one worker process started by the local supervisor.
 
 ``python -m paratrain.training.worker_main CONFIG [--start-time T] [--handoff DIR] [--injected FILE]``:
-T is the job's start (wall clock, for goodput), DIR a private directory where a user error is
-reported back to the launcher, FILE the model factory, loss and datasets handed over by
-``paratrain.train`` (see :mod:`paratrain.training.handoff`).
+T is the job's start (wall clock, for goodput); DIR a private directory where a user error is
+reported back to the launcher, which then reports it as its own one line (exit code 2); FILE the
+model factory, loss and datasets handed over by ``paratrain.train`` (see
+:mod:`paratrain.training.handoff`).  The supervisor starts workers with ``PR_SET_PDEATHSIG``, so a
+worker dies with its launcher.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from paratrain.config import Config, ConfigError
+from paratrain.fileio import stdout_to_devnull
 from paratrain.training.handoff import load_injected, write_error
 from paratrain.training.trainer import run_worker
 from paratrain.training.user_model import is_own_spec
@@ -29,19 +32,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--injected", type=Path, default=None)
     a = p.parse_args(argv)
     try:
-        injected = {}
-        if a.injected is not None:
-
-            injected = load_injected(a.injected)
-
+        injected = load_injected(a.injected) if a.injected is not None else {}
         cfg = Config.load(a.config, own_model=is_own_spec(injected.get("model")))
         run_worker(cfg, start_time=a.start_time, hold=_HELD, **injected)
     except ConfigError as e:
-        print(f"paratrain: error: {e}", file=sys.stderr)
-        if a.handoff is not None:
-
+        if a.handoff is not None:  # the launcher reports it, once
             write_error(a.handoff, str(e))
+        else:
+            print(f"paratrain: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout was a pipe whose reader left (`paratrain train ... | head`): end quietly
+        stdout_to_devnull()
+        return 141
     return 0
 
 
