@@ -97,36 +97,22 @@ def _launch(cfg: Config, injected: dict[str, Any]) -> dict[str, Any]:
             if (server_summary := run_torchrun_role(cfg)) is not None:
                 return server_summary
         return run_worker(cfg, start_time=start_time, **injected)
-    check_resume(cfg)
-    run_dir = prepare_run_dir(cfg)
-    if own_data:
-        prepare_data(cfg)
     if cfg.parallel.nproc == 1 and cfg.parallel.sync != "ps":
+        check_resume(cfg)
+        prepare_run_dir(cfg)
+        if own_data:
+            prepare_data(cfg)
         return run_worker(cfg, start_time=start_time, **injected)
-    return _run_local_job(cfg, run_dir, injected, start_time)
-
-
-def _warn_multi_host() -> None:
-
-    if warning := multi_host_warning():
-        print(f"paratrain: warning: {warning}", file=sys.stderr)
-
-
-def _run_local_job(cfg: Config, run_dir: Path, injected: dict[str, Any], start_time: float) -> dict[str, Any]:
-    """Servers (for ``sync = "ps"``) and ``parallel.nproc`` supervised workers on this machine."""
     handoff = Path(tempfile.mkdtemp(prefix="paratrain-handoff-"))
     try:
         args = ["--start-time", repr(start_time), "--handoff", str(handoff)]
-        if injected:
+        if injected:  # first: an object that cannot go to the workers is an error before anything is written
             args += ["--injected", str(save_injected(handoff, injected, cfg.parallel.nproc))]
-        sup = Supervisor(run_dir / "config.toml", cfg.parallel.nproc, cfg.parallel.max_restarts, args)
-        if cfg.parallel.sync == "ps":
-
-            with local_servers(cfg, cfg.parallel.nproc):
-                result = sup.run("each")
-        else:
-            with _worker_env(cfg):
-                result = sup.run("group")
+        check_resume(cfg)
+        run_dir = prepare_run_dir(cfg)
+        if own_data:
+            prepare_data(cfg)
+        result = _run_local_job(cfg, run_dir, args)
         if (error := read_error(handoff)) is not None and not result.ok:
             raise ConfigError(error)
     finally:
@@ -134,9 +120,23 @@ def _run_local_job(cfg: Config, run_dir: Path, injected: dict[str, Any], start_t
     return _job_summary(run_dir, result, start_time)
 
 
+def _warn_multi_host() -> None:
+    if warning := multi_host_warning():
+        print(f"paratrain: warning: {warning}", file=sys.stderr)
+
+
+def _run_local_job(cfg: Config, run_dir: Path, worker_args: list[str]) -> JobResult:
+    """Servers (for ``sync = "ps"``) and ``parallel.nproc`` supervised workers on this machine."""
+    sup = Supervisor(run_dir / "config.toml", cfg.parallel.nproc, cfg.parallel.max_restarts, worker_args)
+    if cfg.parallel.sync == "ps":
+        with local_servers(cfg, cfg.parallel.nproc):
+            return sup.run("each")
+    with _worker_env(cfg):
+        return sup.run("group")
+
+
 def _job_summary(run_dir: Path, result: JobResult, start_time: float) -> dict[str, Any]:
     """Rank 0's summary, or an error summary naming the failed workers (and a hang diagnosis)."""
-
     path = run_dir / "summary.json"
     done = path.exists() and path.stat().st_mtime >= start_time
     if result.fatal or not done:
