@@ -22,6 +22,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "doctor": ("paratrain.doctor", "check this machine's CUDA, cuDNN, NCCL, gloo and network setup"),
     "bench": ("paratrain.bench", "benchmark collectives and parameter-server transport"),
     "report": ("paratrain.report", "write RUN_DIR/report.md with plots"),
+    "import-hf": ("paratrain.hf.convert", "convert a local Hugging Face model directory into a paratrain run"),
+    "export-hf": ("paratrain.hf.export", "write a run's checkpoint as a Hugging Face model directory"),
 }
 
 

@@ -40,6 +40,7 @@ class ModelConfig:
     dropout: float = 0.0
     n_dec_layer: int = 0  # seq2seq decoder layers; 0: same as n_layer
     tie_embeddings: bool = True
+    init_from: str = ""  # "hf:DIR": start from a local Hugging Face checkpoint
 
 
 @dataclass
@@ -48,7 +49,10 @@ class DataConfig:
     seq_len: int = 128
     batch_size: int = 16  # micro-batch per data-parallel replica
     val_fraction: float = 0.02
-    tokenizer: str = "byte"  # byte (text sources); shards carry their own
+    tokenizer: str = "byte"  # byte | bpe | bpe:VOCAB (trained by prepare) | hf:PATH (a tokenizer.json)
+    text_field: str = "text"  # jsonl / parquet / hf-dataset sources: the column holding the text
+    boundary: str = "eos"  # between documents: eos | bos | bos_eos | none
+    packing: str = "concat"  # concat (windows cut across documents) | docs (whole documents per window, padded)
     num_samples: int = 20000  # synthetic tasks: training samples per epoch
     task_len: int = 8  # synthetic tasks: digits per operand
     mask_prob: float = 0.15  # bert masked-LM
@@ -163,7 +167,8 @@ _SECTIONS: dict[str, type] = {
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "arch"): ("gpt", "seq2seq", "bert"),
-    ("data", "tokenizer"): ("byte", "bpe"),
+    ("data", "boundary"): ("eos", "bos", "bos_eos", "none"),
+    ("data", "packing"): ("concat", "docs"),
     ("train", "optimizer"): ("adamw", "sgd", "onebit_adam"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "activation_checkpointing"): ("none", "full", "selective"),

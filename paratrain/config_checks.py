@@ -30,12 +30,13 @@ def check_combinations(cfg: Config) -> None:
             "raise max_seq_len or shorten seq_len"
         )
     src = d.source
-    known = ("stdlib", "synthetic:", "text:", "shards:")
+    known = ("stdlib", "synthetic:", "text:", "shards:", "jsonl:", "parquet:", "hf-dataset:")
     if not any(src == k or (k.endswith(":") and src.startswith(k)) for k in known):
         raise ConfigError(
             f"data.source = {src!r} is not one of 'stdlib', 'synthetic:reverse|sort|add', "
-            "'text:GLOB', 'shards:DIR'"
+            "'text:GLOB', 'jsonl:GLOB', 'parquet:GLOB', 'hf-dataset:DIR', 'shards:DIR'"
         )
+    check_data_keys(cfg)
     if src.startswith("synthetic:"):
         task = src.split(":", 1)[1]
         if task not in ("reverse", "sort", "add"):
@@ -63,6 +64,27 @@ def check_combinations(cfg: Config) -> None:
     if cfg.ps.secret and len(cfg.ps.secret) < 16:
         raise ConfigError("ps.secret must be at least 16 characters (or empty: the launcher generates one)")
     check_layout(cfg)
+
+
+def check_data_keys(cfg: Config) -> None:
+    """Tokenizer spec, document packing and ``model.init_from``."""
+    d, m = cfg.data, cfg.model
+    tok = d.tokenizer
+    if tok not in ("byte", "bpe") and not tok.startswith("hf:") and not (
+            tok.startswith("bpe:") and tok[4:].isdigit() and 300 <= int(tok[4:]) <= 1 << 20):
+        raise ConfigError(f"data.tokenizer = {tok!r} is not 'byte', 'bpe', 'bpe:VOCAB' (300 <= VOCAB <= 1048576) "
+                          "or 'hf:PATH' (a local tokenizer.json)")
+    if d.packing == "docs" and d.boundary == "none":
+        raise ConfigError("data.packing = 'docs' finds documents by their boundary tokens; "
+                          "set data.boundary = 'eos' (or 'bos', 'bos_eos')")
+    if not d.text_field:
+        raise ConfigError("data.text_field is empty; name the column that holds the text (default 'text')")
+    if m.init_from:
+        if not m.init_from.startswith("hf:") or len(m.init_from) == 3:
+            raise ConfigError(f"model.init_from = {m.init_from!r} must be 'hf:DIR' (a local Hugging Face model dir)")
+        if cfg.parallel.meta_init:
+            raise ConfigError("model.init_from loads weights into a model built in memory; set "
+                              "parallel.meta_init = false")
 
 
 def check_layout(cfg: Config) -> None:

@@ -22,6 +22,7 @@ from paratrain.config import Config, ConfigError
 from paratrain.data import build_data, val_batches
 from paratrain.data.user_data import samples_in, to_device, tokens_in
 from paratrain.fileio import write_json_atomic
+from paratrain.hf import init_from as hf_init_from
 from paratrain.models import build_model, count_params
 from paratrain.parallel import ParallelDims, Strategy, build_strategy
 from paratrain.training import checkpoint as ckpt
@@ -84,7 +85,7 @@ class Trainer:
 
             model = build_on_meta(lambda: build_model(cfg.model, vocab, self.data.pad_id))
         else:
-            model = build_model(cfg.model, vocab, self.data.pad_id)
+            model = hf_init_from(build_model(cfg.model, vocab, self.data.pad_id), cfg.model)  # model.init_from
         self.n_params = count_params(model)
         self.flops_per_token = UserRun.flops_per_token(model, cfg.data.seq_len, self.n_params)
         self.strategy = strategy or build_strategy(cfg, dims)
