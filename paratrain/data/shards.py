@@ -1,7 +1,9 @@
 """Memory-mapped token shards: streaming preparation, validated reading, and a local cache.
 
 A shard directory holds ``shard_00000.bin``, ``shard_00001.bin``, ... (raw little-endian uint16
-tokens, every document followed by EOS), optionally ``tokenizer.json`` (BPE), and ``meta.json``.
+tokens, or uint32 for vocabularies over 65536 ids, documents separated by boundary tokens),
+optionally ``tokenizer.json`` (BPE or a Hugging Face tokenizer), and ``meta.json``.  The shards
+are written by :func:`paratrain.data.prepare.prepare`.
 ``meta.json`` is written last and atomically, so a directory without it is never used.
 """
 
@@ -14,22 +16,28 @@ import json
 import os
 import shutil
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from paratrain.config import ConfigError
-from paratrain.data.sources import iter_chunks, source_files
-from paratrain.data.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, Tokenizer, special_ids
-from paratrain.fileio import sha256_file, write_json_atomic
+from paratrain.data.sources import open_corpus
+from paratrain.data.tokenizer import Tokenizer, tokenizer_of_shards
+from paratrain.fileio import sha256_file
 
 FORMAT = "paratrain-shards"
 VERSION = 1
 META = "meta.json"
 DTYPE = np.dtype("<u2")
-DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MiB per shard
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MiB per uint16 shard
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    """uint16 tokens when every id fits, else uint32."""
+    return DTYPES["uint16"] if vocab_size <= 1 << 16 else DTYPES["uint32"]
 
 
 def shard_name(i: int) -> str:
@@ -37,12 +45,12 @@ def shard_name(i: int) -> str:
     return f"shard_{i:05d}.bin"
 
 
-class _Sink:
+class Sink:
     """Tokens -> a fixed-size buffer -> consecutive shard files, hashed as they are written."""
 
-    def __init__(self, out_dir: Path, shard_tokens: int, buffer_tokens: int) -> None:
+    def __init__(self, out_dir: Path, shard_tokens: int, buffer_tokens: int, dtype: np.dtype = DTYPE) -> None:
         self.out_dir, self.shard_tokens = out_dir, shard_tokens
-        self.buf, self.n, self.total = np.empty(max(1, buffer_tokens), DTYPE), 0, 0
+        self.buf, self.n, self.total = np.empty(max(1, buffer_tokens), dtype), 0, 0
         self.shards: list[dict[str, Any]] = []
         self._f, self._hash, self._in_shard = None, hashlib.sha256(), 0
 
@@ -50,7 +58,7 @@ class _Sink:
         pos = 0
         while pos < len(tokens):
             take = min(len(tokens) - pos, len(self.buf) - self.n)
-            self.buf[self.n:self.n + take] = tokens[pos:pos + take]  # casts uint8 -> uint16 in place
+            self.buf[self.n:self.n + take] = tokens[pos:pos + take]  # casts to the shard dtype in place
             self.n, pos = self.n + take, pos + take
             if self.n == len(self.buf):
                 self.flush()
@@ -84,68 +92,6 @@ class _Sink:
         return self.shards
 
 
-def prepare(
-    files: Sequence[str | Path],
-    out_dir: str | Path,
-    tokenizer: str = "byte",
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    max_memory_mb: float = 256.0,
-    bpe_vocab: int = 8192,
-    source: str = "",
-) -> dict[str, Any]:
-    """Tokenize ``files`` into uint16 shards under ``out_dir``; returns the meta dict.
-
-    Files are streamed in pieces, so memory on the Python side stays within about
-    ``max_memory_mb`` whatever the corpus size (a quarter of it is the token buffer, the rest
-    holds text being tokenized).  For ``tokenizer="bpe"`` a BPE of ``bpe_vocab`` tokens is trained
-    on the files first (also streamed; its own memory is the ``tokenizers`` library's).
-    """
-    files = [Path(f) for f in files]
-    if not files:
-        raise ConfigError("nothing to prepare: the source has no files")
-    if shard_tokens < 1:
-        raise ConfigError(f"shard_tokens = {shard_tokens} must be at least 1")
-    if max_memory_mb <= 0:
-        raise ConfigError(f"max_memory_mb = {max_memory_mb} must be positive")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output '{out}' exists and is not a directory; pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META).unlink(missing_ok=True)  # invalidate first: a crash below leaves no valid dir
-    for old in [*out.glob("shard_*.bin"), out / TOKENIZER_FILE]:
-        old.unlink(missing_ok=True)
-
-    budget = int(max_memory_mb * 2**20)
-    tok: Tokenizer
-    if tokenizer == "byte":
-        tok, chunk_chars = ByteTokenizer(), budget // 32
-    elif tokenizer == "bpe":
-        chunk_chars = budget // 96  # a Python list of ids costs ~36 bytes per token
-        tok = BPETokenizer().train((text for text, _ in iter_chunks(files, chunk_chars)), bpe_vocab)
-        tok.save(out)
-    else:
-        raise ConfigError(f"tokenizer {tokenizer!r} is not 'byte' or 'bpe'")
-
-    sink = _Sink(out, shard_tokens, budget // 8)
-    eos = np.array([tok.eos_id], DTYPE)
-    docs = 0
-    for text, last in iter_chunks(files, chunk_chars):
-        if text:
-            if tokenizer == "byte":
-                sink.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8))
-            else:
-                sink.append(np.asarray(tok.encode(text), dtype=DTYPE))
-        if last:
-            sink.append(eos)
-            docs += 1
-    shards = sink.close()
-    meta = {"format": FORMAT, "version": VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
-            "special_ids": special_ids(tok), "dtype": "uint16", "byteorder": "little", "shards": shards,
-            "total_tokens": sink.total, "documents": docs, "source": source}
-    write_json_atomic(out / META, meta)
-    return meta
-
-
 def _bad(d: Path, problem: str) -> ConfigError:
     return ConfigError(f"shards dir {d} {problem}; re-run `paratrain prepare SOURCE --out {d}`")
 
@@ -159,7 +105,7 @@ def read_meta(shard_dir: str | Path, verify: bool = False) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
         shards = meta["shards"]
-        ok = (meta["format"] == FORMAT and meta["dtype"] == "uint16" and isinstance(shards, list)
+        ok = (meta["format"] == FORMAT and meta["dtype"] in DTYPES and isinstance(shards, list)
               and meta["total_tokens"] == sum(int(s["tokens"]) for s in shards))
         newer = int(meta["version"]) > VERSION
     except (ValueError, KeyError, TypeError) as e:
@@ -168,11 +114,12 @@ def read_meta(shard_dir: str | Path, verify: bool = False) -> dict[str, Any]:
         raise _bad(d, "has a corrupt meta.json (wrong format, dtype or token count)")
     if newer:
         raise ConfigError(f"shards dir {d} has format version {meta['version']}; upgrade paratrain")
+    size = DTYPES[meta["dtype"]].itemsize
     for s in shards:
         f = d / s["file"]
         if not f.is_file():
             raise _bad(d, f"is missing {s['file']}")
-        if f.stat().st_size != int(s["tokens"]) * DTYPE.itemsize:
+        if f.stat().st_size != int(s["tokens"]) * size:
             raise _bad(d, f"has {s['file']} of the wrong size (truncated or overwritten)")
         if verify and sha256_file(f) != s["sha256"]:
             raise _bad(d, f"has {s['file']} with a wrong sha256 (corrupted)")
@@ -187,7 +134,8 @@ class TokenStream:
     def __init__(self, shard_dir: str | Path, verify: bool = False) -> None:
         self.dir = Path(shard_dir)
         self.meta = read_meta(self.dir, verify=verify)
-        self._maps = [np.memmap(self.dir / s["file"], dtype=DTYPE, mode="r", shape=(int(s["tokens"]),))
+        self.dtype = DTYPES[self.meta["dtype"]]
+        self._maps = [np.memmap(self.dir / s["file"], dtype=self.dtype, mode="r", shape=(int(s["tokens"]),))
                       for s in self.meta["shards"] if int(s["tokens"]) > 0]
         self._starts = [0]
         for m in self._maps:
@@ -205,15 +153,19 @@ class TokenStream:
     def tokenizer(self) -> Tokenizer:
         """The tokenizer these shards were made with."""
         if self._tokenizer is None:
-            byte = self.meta["tokenizer"] == "byte"
-            self._tokenizer = ByteTokenizer() if byte else BPETokenizer.load(self.dir)
+            self._tokenizer = tokenizer_of_shards(self.dir, self.meta)
         return self._tokenizer
 
+    @property
+    def boundary(self) -> str:
+        """How documents are separated: eos | bos | bos_eos | none (older shards: eos)."""
+        return str(self.meta.get("boundary", "eos"))
+
     def slice(self, start: int, stop: int) -> np.ndarray:
-        """Tokens ``[start, stop)`` as a fresh uint16 array (may span shards)."""
+        """Tokens ``[start, stop)`` as a fresh array of the shard dtype (may span shards)."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"slice [{start}, {stop}) out of range for {len(self)} tokens")
-        out = np.empty(stop - start, DTYPE)
+        out = np.empty(stop - start, self.dtype)
         i, pos = bisect_right(self._starts, start) - 1, 0
         while pos < len(out):
             local = start + pos - self._starts[i]
@@ -242,26 +194,38 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def cached_corpus(source: str, tokenizer: str = "byte", bpe_vocab: int = 8192,
-                  max_memory_mb: float = 256.0) -> Path:
-    """The shard directory for ``source`` (``stdlib`` | ``text:GLOB`` | ``shards:DIR``).
+def cached_corpus(source: str, tokenizer: str = "byte", bpe_vocab: int = 8192, max_memory_mb: float = 256.0,
+                  *, text_field: str = "text", boundary: str = "eos", workers: int = 1) -> Path:
+    """The shard directory for ``source`` (a text source of :func:`~paratrain.data.sources.open_corpus`,
+    or ``shards:DIR``).
 
-    Text sources are prepared on first use into the cache, keyed by the source, the files'
-    paths, sizes and mtimes, and the tokenizer; concurrent callers wait on a lock file and the
-    result appears by an atomic rename.  ``shards:DIR`` returns DIR after checking its meta.
+    Sources are prepared on first use into the cache, keyed by the source, the files' paths,
+    sizes and mtimes, the tokenizer (an ``hf:`` tokenizer by its file's sha256), the text field
+    and the boundary; concurrent callers wait on a lock file and the result appears by an atomic
+    rename.  ``shards:DIR`` returns DIR after checking its meta.
     """
+    from paratrain.data.prepare import prepare
+
     if source.startswith("shards:"):
         d = Path(os.path.expanduser(source[len("shards:"):]))
         read_meta(d)
         return d
-    files = source_files(source)
-    listing = [[str(p), st.st_size, st.st_mtime_ns] for p in files for st in [p.stat()]]
-    spec = {"version": VERSION, "source": source, "tokenizer": tokenizer, "files": listing}
+    corpus = open_corpus(source, text_field)
+    listing = [[str(p), st.st_size, st.st_mtime_ns] for p in corpus.files for st in [p.stat()]]
+    spec: dict[str, Any] = {"version": VERSION, "source": source, "tokenizer": tokenizer, "files": listing}
     if tokenizer == "bpe":
         spec["bpe_vocab"] = bpe_vocab
+    if tokenizer.startswith("hf:"):
+        from paratrain.data.tokenizer import HFTokenizer
+
+        spec["tokenizer_sha256"] = sha256_file(HFTokenizer._file(tokenizer[3:]))
+    if corpus.kind != "text":
+        spec["text_field"] = text_field
+    if boundary != "eos":  # keeps the keys of caches made before boundaries were configurable
+        spec["boundary"] = boundary
     key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
     root = cache_root() / "corpora"
-    name = f"{source.split(':', 1)[0]}-{tokenizer}-{key}"
+    name = f"{source.split(':', 1)[0]}-{tokenizer.split(':', 1)[0]}-{key}"
     final = root / name
     if (final / META).is_file():
         return final
@@ -271,8 +235,14 @@ def cached_corpus(source: str, tokenizer: str = "byte", bpe_vocab: int = 8192,
             return final
         tmp = root / f"{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        prepare(files, tmp, tokenizer=tokenizer, max_memory_mb=max_memory_mb, bpe_vocab=bpe_vocab,
-                source=source)
+        prepare(corpus, tmp, tokenizer=tokenizer, max_memory_mb=max_memory_mb, bpe_vocab=bpe_vocab,
+                source=source, boundary=boundary, workers=workers)
         shutil.rmtree(final, ignore_errors=True)  # a stale, meta-less leftover
         os.rename(tmp, final)
     return final
+
+
+def corpus_for(data_cfg: Any) -> Path:
+    """The shard directory of a ``[data]`` config (prepared into the cache on first use)."""
+    return cached_corpus(data_cfg.source, data_cfg.tokenizer, text_field=data_cfg.text_field,
+                         boundary=data_cfg.boundary)

@@ -31,11 +31,10 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 def _prepare_data(cfg: Config) -> None:
     """Build the token cache once, before any worker starts (workers then only memmap it)."""
-    from paratrain.data import cached_corpus
+    from paratrain.data import corpus_for
 
-    src = cfg.data.source
-    if src == "stdlib" or src.startswith("text:"):
-        cached_corpus(src, cfg.data.tokenizer)
+    if not cfg.data.source.startswith(("synthetic:", "shards:")):
+        corpus_for(cfg.data)
 
 
 def _check_resume(cfg: Config) -> None:
