@@ -85,6 +85,9 @@ def check_data_keys(cfg: Config) -> None:
         if cfg.parallel.meta_init:
             raise ConfigError("model.init_from loads weights into a model built in memory; set "
                               "parallel.meta_init = false")
+        from paratrain.hf import check_init_from
+
+        check_init_from(m)
 
 
 def check_layout(cfg: Config) -> None:

@@ -40,11 +40,15 @@ def hf_dir_of(spec: str) -> Path:
     return model_dir(spec[3:])
 
 
-def load_hf_weights(model: nn.Module, model_cfg: Any, hf_dir: str | Path) -> None:
-    """Fill a freshly built single-device paratrain ``model`` (built from ``model_cfg``) with the
-    weights of a local HF model directory, one safetensors shard at a time.  A config that does not
-    match the checkpoint (architecture, vocabulary, layers, widths, heads) is refused in one line."""
-    d = model_dir(hf_dir)
+def check_init_from(model_cfg: Any, vocab: int | None = None) -> tuple[Path, dict[str, Any], Adapter]:
+    """Check ``model.init_from``'s checkpoint against ``[model]`` without reading weights; returns
+    (directory, its config.json, adapter).  ``vocab``: the model's vocabulary when known (else
+    ``model.vocab_size``, when set).  A mismatch (architecture, vocabulary, layers, widths, heads)
+    is refused in one line naming it."""
+    return _check(hf_dir_of(model_cfg.init_from), model_cfg, vocab)
+
+
+def _check(d: Path, model_cfg: Any, vocab: int | None) -> tuple[Path, dict[str, Any], Adapter]:
     hf = read_config(d)
     a = adapter_for(hf)
     source = f"HF checkpoint {d}"
@@ -52,10 +56,21 @@ def load_hf_weights(model: nn.Module, model_cfg: Any, hf_dir: str | Path) -> Non
         raise ConfigError(f"{source} is a {hf.get('model_type')} model (paratrain arch {a.arch!r}) but "
                           f"model.arch = {model_cfg.arch!r}; set model.arch = {a.arch!r}")
     want = {k: v for k, v in a.model_keys(hf).items() if k != "arch" and k not in a.free_keys}
-    vocab = int(getattr(model, "vocab_size", 0) or model_cfg.vocab_size)
+    vocab = vocab or model_cfg.vocab_size
+    if not vocab:
+        want.pop("vocab_size")  # taken from the data: checked when the weights are loaded
     check_model_config(want, model_cfg, vocab, source)
+    return d, hf, a
+
+
+def load_hf_weights(model: nn.Module, model_cfg: Any, hf_dir: str | Path) -> None:
+    """Fill a freshly built single-device paratrain ``model`` (built from ``model_cfg``) with the
+    weights of a local HF model directory, one safetensors shard at a time (configs checked first,
+    see :func:`check_init_from`)."""
+    vocab = int(getattr(model, "vocab_size", 0) or model_cfg.vocab_size)
+    d, hf, a = _check(model_dir(hf_dir), model_cfg, vocab)
     converted = ((pt, t) for name, t in iter_tensors(d) for pt, t in a.to_paratrain(name, t, hf))
-    load_converted(model, converted, source)
+    load_converted(model, converted, f"HF checkpoint {d}")
 
 
 def init_from(model: nn.Module, model_cfg: Any) -> nn.Module:
@@ -66,4 +81,4 @@ def init_from(model: nn.Module, model_cfg: Any) -> nn.Module:
     return model
 
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "hf_dir_of", "init_from", "load_hf_weights"]
+__all__ = ["ADAPTERS", "Adapter", "adapter_for", "check_init_from", "hf_dir_of", "init_from", "load_hf_weights"]
