@@ -133,7 +133,8 @@ def prepare(
     stays within about ``max_memory_mb`` whatever the corpus size (a quarter of it is the token
     buffer, the rest holds text in flight); BPE training (``bpe``/``bpe:VOCAB``) streams the corpus
     too, its own memory being the ``tokenizers`` library's.  ``workers`` > 1 tokenizes in that many
-    processes; ``progress`` prints tokens and tokens/s to stderr.
+    processes (not for the byte tokenizer, whose encoding is a copy); ``progress`` prints tokens and
+    tokens/s to stderr.
     """
     corpus = files if isinstance(files, Corpus) else Corpus("text", tuple(Path(f) for f in files))
     if not corpus.files:
@@ -154,7 +155,7 @@ def prepare(
         old.unlink(missing_ok=True)
 
     budget = int(max_memory_mb * 2**20)
-    in_flight = 2 * workers if workers > 1 else 1
+    in_flight = 2 * workers if workers > 1 and tokenizer != "byte" else 1
     # text in flight: bytes ~32 B of Python objects per character, BPE ids ~96 (lists of ints)
     chunk_chars = max(1, budget // ((32 if tokenizer == "byte" else 96) * in_flight))
     tok = resolve_tokenizer(tokenizer, corpus, chunk_chars, bpe_vocab)
@@ -164,7 +165,7 @@ def prepare(
     counts = [0]
     bar = _Progress(progress)
     jobs = _jobs(corpus, chunk_chars, chunk_chars // 2, counts)
-    if workers == 1:
+    if workers == 1 or isinstance(tok, ByteTokenizer):  # bytes encode at memory speed: processes only add pickling
         _setup(tok, boundary, dtype)
         for job in jobs:
             sink.append(encode_job(job))

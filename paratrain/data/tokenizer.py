@@ -63,6 +63,13 @@ class ByteTokenizer:
         return "ByteTokenizer()"
 
 
+def _is_file(item: object) -> bool:
+    try:
+        return isinstance(item, str) and "\n" not in item and Path(item).is_file()
+    except OSError:  # a text too long to be a file name
+        return False
+
+
 # names under which tokenizer.json files commonly carry each special token, most specific first
 _SPECIAL_NAMES = {
     "eos": ("[EOS]", "</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>"),
@@ -146,6 +153,7 @@ class HFTokenizer:
         if target.is_dir() or not target.suffix:
             target.mkdir(parents=True, exist_ok=True)
             target = target / TOKENIZER_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
         self._hf.save(str(tmp))
         tmp.replace(target)
@@ -205,8 +213,7 @@ class BPETokenizer(HFTokenizer):
         )
         items = files_or_iterator
         is_list = isinstance(items, (list, tuple)) and len(items) > 0
-        if is_list and (any(isinstance(f, Path) for f in items)
-                        or all(isinstance(f, str) and Path(f).is_file() for f in items)):
+        if is_list and (any(isinstance(f, Path) for f in items) or all(_is_file(f) for f in items)):
             for p in items:
                 if not Path(p).is_file():
                     raise ConfigError(f"BPE training file '{p}' not found; check the path")

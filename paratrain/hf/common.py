@@ -118,6 +118,8 @@ def check_model_config(expected: dict[str, Any], model_cfg: Any, vocab: int, sou
     """Refuse, in one line, the first ``[model]`` key that differs from what the checkpoint needs."""
     for key, want in expected.items():
         have = vocab if key == "vocab_size" else getattr(model_cfg, key, None)
+        if key == "n_kv_head" and not have:  # 0 means one key/value head per query head
+            have = model_cfg.n_head
         if have is None:
             raise ConfigError(f"{source} needs model.{key} = {want!r}, which this paratrain has no key for")
         if isinstance(want, float) and isinstance(have, (int, float)):
