@@ -228,7 +228,7 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> DataBundle:
                 for split in ("train", "val")
             )
             task = "mlm"
-        elif arch == "gpt":
+        elif arch in ("gpt", "llama"):
             train_ds, val_ds = (
                 LMWindows(stream, d.seq_len, split, d.val_fraction) for split in ("train", "val")
             )
