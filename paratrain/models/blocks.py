@@ -195,6 +195,21 @@ class DecoderLM(nn.Module):
     first_stage: tuple[str, ...] = ("tok_emb",)
     last_stage: tuple[str, ...] = ("norm", "lm_head")
 
+    def init_weights(self) -> None:
+        """(Re-)tie the head to the embedding and initialize all parameters from the global
+        torch seed (also after ``to_empty`` on a model built on the meta device)."""
+        if self.cfg.tie_embeddings and self.tok_emb is not None and self.lm_head is not None:
+            self.lm_head.weight = self.tok_emb.weight
+        init_weights(self, self.cfg.n_layer)
+
+    def head(self, x: Tensor) -> Tensor:
+        """The final norm and LM head, where this stage has them."""
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
     def layer_modules(self) -> list[nn.Module]:
         """The repeated Transformer blocks (for FSDP / activation-checkpoint wrapping)."""
         return list(self.layers.values())

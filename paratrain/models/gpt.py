@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from paratrain.config import ModelConfig
-from paratrain.models.blocks import DecoderLM, build_token_stack, flops_per_token, init_weights
+from paratrain.models.blocks import DecoderLM, build_token_stack, flops_per_token
 
 
 class GPT(DecoderLM):
@@ -27,13 +27,6 @@ class GPT(DecoderLM):
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.init_weights()
 
-    def init_weights(self) -> None:
-        """(Re-)tie the head to the embedding and initialize all parameters from the global
-        torch seed (also after ``to_empty`` on a model built on the meta device)."""
-        if self.cfg.tie_embeddings and self.tok_emb is not None and self.lm_head is not None:
-            self.lm_head.weight = self.tok_emb.weight
-        init_weights(self, self.cfg.n_layer)
-
     def forward(self, input_ids: Tensor) -> Tensor:
         """Token ids (B, T) -> logits (B, T, vocab); see the class docstring for stages."""
         x = input_ids
@@ -47,11 +40,7 @@ class GPT(DecoderLM):
             x = self.drop(x)
         for layer in self.layers.values():
             x = layer(x)
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.lm_head is not None:
-            x = self.lm_head(x)
-        return x
+        return self.head(x)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token; see :func:`paratrain.models.flops_per_token`."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from paratrain.config import ModelConfig
-from paratrain.models.blocks import AttentionCore, DecoderLM, RMSNorm, flops_per_token, init_weights
+from paratrain.models.blocks import AttentionCore, DecoderLM, RMSNorm, flops_per_token
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -116,13 +116,6 @@ class Llama(DecoderLM):
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.init_weights()
 
-    def init_weights(self) -> None:
-        """(Re-)tie the head to the embedding and initialize all parameters from the global
-        torch seed (also after ``to_empty`` on a model built on the meta device)."""
-        if self.cfg.tie_embeddings and self.tok_emb is not None and self.lm_head is not None:
-            self.lm_head.weight = self.tok_emb.weight
-        init_weights(self, self.cfg.n_layer)
-
     def forward(self, input_ids: Tensor) -> Tensor:
         """Token ids (B, T) -> logits (B, T, vocab); see the class docstring for stages."""
         x = input_ids
@@ -134,11 +127,7 @@ class Llama(DecoderLM):
         cos, sin = rope_tables(t, self.head_dim, self.cfg.rope_theta, x.device)
         for layer in self.layers.values():
             x = layer(x, cos, sin)
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.lm_head is not None:
-            x = self.lm_head(x)
-        return x
+        return self.head(x)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token; see :func:`paratrain.models.flops_per_token`."""
