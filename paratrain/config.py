@@ -30,7 +30,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "gpt"  # gpt | seq2seq | bert
+    arch: str = "gpt"  # gpt | llama | seq2seq | bert
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
@@ -40,6 +40,9 @@ class ModelConfig:
     dropout: float = 0.0
     n_dec_layer: int = 0  # seq2seq decoder layers; 0: same as n_layer
     tie_embeddings: bool = True
+    n_kv_head: int = 0  # llama: key/value heads (grouped-query attention); 0: n_head
+    rope_theta: float = 10000.0  # llama: rotary embedding base
+    norm_eps: float = 1e-5  # llama: RMSNorm epsilon
     init_from: str = ""  # "hf:DIR": start from a local Hugging Face checkpoint
 
 
@@ -166,7 +169,7 @@ _SECTIONS: dict[str, type] = {
 }
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("model", "arch"): ("gpt", "seq2seq", "bert"),
+    ("model", "arch"): ("gpt", "llama", "seq2seq", "bert"),
     ("data", "boundary"): ("eos", "bos", "bos_eos", "none"),
     ("data", "packing"): ("concat", "docs"),
     ("train", "optimizer"): ("adamw", "sgd", "onebit_adam"),
@@ -194,6 +197,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("model", "max_seq_len"): (1, None),
     ("model", "dropout"): (0.0, 0.99),
     ("model", "n_dec_layer"): (0, None),
+    ("model", "n_kv_head"): (0, None),
     ("data", "seq_len"): (2, None),
     ("data", "batch_size"): (1, None),
     ("data", "val_fraction"): (0.0, 0.5),

@@ -4,6 +4,7 @@ names the problem and the fix. ``Config.validate`` runs them after the per-field
 
 from __future__ import annotations
 
+import math
 import typing
 
 from paratrain.errors import ConfigError
@@ -20,6 +21,7 @@ def check_combinations(cfg: Config) -> None:
             f"model.n_head = {m.n_head} does not divide model.d_model = {m.d_model}; "
             "pick n_head so d_model / n_head is a whole number"
         )
+    check_llama(cfg)
     if m.vocab_size and d.tokenizer == "byte" and m.vocab_size < 261:
         raise ConfigError(
             f"model.vocab_size = {m.vocab_size} is too small for byte tokens (need >= 261, or 0 for auto)"
@@ -90,6 +92,22 @@ def check_data_keys(cfg: Config) -> None:
         check_init_from(m)
 
 
+def check_llama(cfg: Config) -> None:
+    """Grouped-query heads, rotary base and RMSNorm epsilon (read by model.arch = 'llama')."""
+    m = cfg.model
+    for key in ("rope_theta", "norm_eps"):
+        value = getattr(m, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"model.{key} = {value} must be a finite positive number")
+    kv = m.n_kv_head or m.n_head
+    if m.n_head % kv:
+        raise ConfigError(f"model.n_kv_head = {kv} does not divide model.n_head = {m.n_head}; "
+                          "each key/value head serves a whole group of query heads")
+    if m.arch == "llama" and (m.d_model // m.n_head) % 2:
+        raise ConfigError(f"model.d_model / n_head = {m.d_model // m.n_head} is odd; rotary embeddings "
+                          "rotate pairs of head dimensions, so pick an even head size")
+
+
 def check_layout(cfg: Config) -> None:
     """Tensor / pipeline / ZeRO layouts that cannot work, each rejected with a one-line reason."""
     m, d, p = cfg.model, cfg.data, cfg.parallel
@@ -98,6 +116,9 @@ def check_layout(cfg: Config) -> None:
             if value % p.tp:
                 raise ConfigError(f"model.{key} = {value} is not divisible by parallel.tp = {p.tp}; "
                                   "tensor parallel splits it evenly across ranks")
+        if m.arch == "llama" and (m.n_kv_head or m.n_head) % p.tp:
+            raise ConfigError(f"model.n_kv_head = {m.n_kv_head or m.n_head} is not divisible by parallel.tp = "
+                              f"{p.tp}; tensor parallel gives each rank whole key/value heads (lower tp)")
     if p.pp > 1:
         mb = p.microbatches or p.pp
         if d.batch_size % mb:
@@ -144,13 +165,9 @@ def check_model_layout(cfg: Config) -> None:
     """How paratrain's own model (``[model]``) is pipelined; skipped for a model of your own."""
     m, p = cfg.model, cfg.parallel
     if p.pp > 1:
-        if m.arch != "gpt":
-            raise ConfigError(f"pipeline parallel supports model.arch = 'gpt' only, not {m.arch!r}; "
-                              "use tp or zero for it")
-        if m.tie_embeddings:
-            raise ConfigError("model.tie_embeddings = true cannot span pipeline stages (embedding on the "
-                              "first, head on the last); set model.tie_embeddings = false (a model of your "
-                              "own: Config.load(..., own_model=False))")
+        if m.arch not in ("gpt", "llama"):
+            raise ConfigError(f"pipeline parallel splits the decoder LMs (model.arch = 'gpt' or 'llama'), "
+                              f"not {m.arch!r}; use tp or zero for it")
         v = p.virtual_stages if p.pp_schedule == "interleaved" else 1
         if p.pp * v > m.n_layer:
             what = f"pp * virtual_stages = {p.pp} * {v}" if v > 1 else f"pp = {p.pp}"

@@ -157,21 +157,20 @@ class ModelParallelStrategy(Strategy):
         if not meta:
             model = model.to(d.device)
         if d.pp > 1:
-            from paratrain.models import GPT
-            from paratrain.parallel.pipeline import PipelineRunner
+            from paratrain.parallel.pipeline import PipelineRunner, splits_natively
 
             m = p.microbatches or d.pp
             split = getattr(model, "paratrain_pp_split", None)
-            if split is not None and not isinstance(model, GPT):
+            if split is not None and not splits_natively(model):
                 from paratrain.parallel.pipeline_foreign import ForeignPipelineRunner
 
                 example, loss_fn = model.paratrain_pp_example
                 self.pipe = ForeignPipelineRunner(model, d, p.pp_schedule, m, p.virtual_stages, split, example,
                                                   loss_fn)
                 return PipelineModel(self.pipe.chunks)
-            if not isinstance(model, GPT):
-                raise ConfigError(f"pipeline parallel supports paratrain's GPT only, not {type(model).__name__}; "
-                                  "use tp or zero for this model")
+            if not splits_natively(model):
+                raise ConfigError(f"pipeline parallel splits paratrain's decoder LMs (GPT, Llama), not "
+                                  f"{type(model).__name__}; use tp or zero for this model")
             self.pipe = PipelineRunner(model, d, p.pp_schedule, m, p.virtual_stages, self._transform)
             return PipelineModel(self.pipe.chunks)
         model = self._transform(model)
@@ -219,6 +218,8 @@ class ModelParallelStrategy(Strategy):
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
         d = self.dims
+        if self.pipe is not None:
+            self.pipe.sync_tied_grads()
         if self.pipe is not None and d.dp > 1:
             grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
             self.comm_bytes += allreduce_mean_(grads, d.dp_group, d.dp)
@@ -228,7 +229,8 @@ class ModelParallelStrategy(Strategy):
         if max_norm <= 0:
             return 0.0
         params = [p for p in model.parameters() if p.grad is not None]
-        norm = grad_norm_sharded(params, self.dims.pp_group)
+        counted = self.pipe.norm_params(params) if self.pipe is not None else params  # a tied weight once
+        norm = grad_norm_sharded(counted, self.dims.pp_group)
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
             for p in params:

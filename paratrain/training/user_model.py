@@ -273,9 +273,9 @@ class LogitsLoss:
 # ---- everything the trainer asks -------------------------------------------------------------
 def own_models() -> tuple[type[nn.Module], ...]:
     """paratrain's own architectures (which carry their own TP/PP plans and block lists)."""
-    from paratrain.models import BERT, GPT, Seq2Seq
+    from paratrain.models import BERT, GPT, Llama, Seq2Seq
 
-    return GPT, Seq2Seq, BERT
+    return GPT, Seq2Seq, BERT, Llama
 
 
 def is_own_model(model: nn.Module) -> bool:
