@@ -128,25 +128,29 @@ def test_mismatched_configs_are_refused_in_one_line(tmp_path):
             "init_from": f"hf:{hf_dir}"}
     for key, value in (("n_layer", 3), ("d_model", 64), ("n_head", 2), ("vocab_size", 300)):
         with pytest.raises(ConfigError, match=rf"^HF checkpoint .* has {key} = \S+ but the model has {key} = ") as e:
-            Config.from_dict({"model": {**base, key: value}})
+            model_config({**base, key: value})
         assert "\n" not in str(e.value)
-    cfg = Config.from_dict({"model": base})
+    cfg = model_config(base)
     model = build_model(cfg.model, 270, 0)  # vocabulary from the data: checked when loading
     with pytest.raises(ConfigError, match="has vocab_size = 261 but the model has vocab_size = 270"):
         load_hf_weights(model, cfg.model, hf_dir)
     with pytest.raises(ConfigError, match="is a gpt2 model .* set model.arch = 'gpt'"):
-        Config.from_dict({"model": {**base, "arch": "bert"}})
+        model_config({**base, "arch": "bert"})
     with pytest.raises(ConfigError, match="has no config.json"):
-        Config.from_dict({"model": {**base, "init_from": f"hf:{tmp_path}"}})
+        model_config({**base, "init_from": f"hf:{tmp_path}"})
     with pytest.raises(ConfigError, match="must be 'hf:DIR'"):
-        Config.from_dict({"model": {**base, "init_from": str(hf_dir)}})
+        model_config({**base, "init_from": str(hf_dir)})
     assert cli.main(["import-hf", str(tmp_path / "nothing")]) == 2
     l_dir, _ = llama(tmp_path)
     lbase = {"arch": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "d_ff": 48,
              "rope_theta": 5000.0, "norm_eps": 1e-5, "tie_embeddings": False, "init_from": f"hf:{l_dir}"}
-    Config.from_dict({"model": lbase})
+    model_config(lbase)
     with pytest.raises(ConfigError, match="has n_kv_head = 2 but the model has n_kv_head = 4"):
-        Config.from_dict({"model": {**lbase, "n_kv_head": 4}})
+        model_config({**lbase, "n_kv_head": 4})
+
+
+def model_config(model: dict):
+    return Config.from_dict({"model": model, "data": {"seq_len": 32}})
 
 
 def first_batch_loss(hf_model, cfg):
