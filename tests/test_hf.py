@@ -6,12 +6,10 @@ import json
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip(
-    "transformers", reason="transformers is not installed (an optional extra: pip install 'paratrain[hf]')")
-
-import paratrain  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+import paratrain
+from tests.conftest import tiny_config
 
 COMMON = ["--train.steps=10", "--train.log_every=1", "--train.deterministic=true", "--train.eval_every=5",
           "--checkpoint.every=5", "--checkpoint.keep=3"]
@@ -73,7 +71,6 @@ def test_ddp_matches_one_process_and_its_checkpoint_resumes(single, tmp_path, co
 
 
 def test_zero3_matches_one_process_and_its_checkpoint_resumes(single, tmp_path, corpus):
-    pytest.importorskip("paratrain.parallel.model_parallel", reason="ZeRO (model_parallel) is not built yet")
     cfg = tiny_config(tmp_path / "zero3", corpus, *COMMON, "--parallel.nproc=2", "--parallel.zero=3",
                       "--data.batch_size=2")
     z3 = paratrain.train(cfg, model=make_gpt2)

@@ -20,6 +20,7 @@ from paratrain.hf.convert import import_hf
 from paratrain.models import build_model
 from paratrain.training import checkpoint as ckpt
 from tests.conftest import tiny_config
+from tests.test_data_formats import hf_tokenizer_file
 
 VOCAB = 261  # paratrain's byte tokenizer, so the models train on the test corpus as they are
 
@@ -67,10 +68,14 @@ def assert_same_logits(ours, theirs, atol=1e-5):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_logits_match_and_round_trip(tmp_path, family, capsys):
     hf_dir, hf_model = (gpt2 if family == "gpt2" else llama)(tmp_path)
+    hf_tokenizer_file(hf_dir, ["some text to learn merges from </s>"] * 20)
     ours, run = paratrain_model(hf_dir)
+    assert Config.load(run / "config.toml").data.tokenizer == f"hf:{(hf_dir / 'tokenizer.json').resolve()}"
     assert_same_logits(ours, hf_model)
     assert cli.main(["export-hf", str(run), "--out", str(tmp_path / "out")]) == 0
     assert "exported" in capsys.readouterr().out
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (tmp_path / "out" / "tokenizer.json").is_file() and exported["eos_token_id"] == 2
     again, info = type(hf_model).from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     for (name, a), (_, b) in zip(sorted(hf_model.state_dict().items()), sorted(again.state_dict().items()),
@@ -122,7 +127,7 @@ def test_sharded_checkpoint_is_read_one_shard_at_a_time(tmp_path, monkeypatch):
     assert_same_logits(ours, hf_model)
 
 
-def test_mismatched_configs_are_refused_in_one_line(tmp_path):
+def test_mismatched_configs_are_refused_in_one_line(tmp_path, capsys):
     hf_dir, _ = gpt2(tmp_path)
     base = {"arch": "gpt", "n_layer": 2, "n_head": 4, "d_model": 32, "d_ff": 128, "max_seq_len": 64,
             "init_from": f"hf:{hf_dir}"}
@@ -140,7 +145,13 @@ def test_mismatched_configs_are_refused_in_one_line(tmp_path):
         model_config({**base, "init_from": f"hf:{tmp_path}"})
     with pytest.raises(ConfigError, match="must be 'hf:DIR'"):
         model_config({**base, "init_from": str(hf_dir)})
+    capsys.readouterr()
     assert cli.main(["import-hf", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["train", f'--model.init_from="hf:{hf_dir}"', "--model.n_layer=3", "--model.n_head=4",
+                     "--model.d_model=32", "--model.max_seq_len=64", "--data.seq_len=32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has n_layer = 2 but the model has n_layer = 3" in err
     l_dir, _ = llama(tmp_path)
     lbase = {"arch": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "d_ff": 48,
              "rope_theta": 5000.0, "norm_eps": 1e-5, "tie_embeddings": False, "init_from": f"hf:{l_dir}"}

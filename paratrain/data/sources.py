@@ -118,8 +118,18 @@ def _jsonl_texts(c: Corpus) -> Iterator[str]:
                 yield record[c.text_field]
 
 
+def _need(module: str, kind: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{kind} sources need the '{module.split('.')[0]}' package: "
+                          "pip install 'paratrain[data]'") from None
+
+
 def _parquet_texts(c: Corpus) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    pq = _need("pyarrow.parquet", "parquet")
 
     for path in c.files:
         try:
@@ -135,10 +145,9 @@ def _parquet_texts(c: Corpus) -> Iterator[str]:
 
 
 def _dataset_texts(c: Corpus) -> Iterator[str]:
-    from datasets import DatasetDict, load_from_disk
-
-    ds = load_from_disk(str(c.root))
-    if isinstance(ds, DatasetDict):
+    datasets = _need("datasets", "hf-dataset")
+    ds = datasets.load_from_disk(str(c.root))
+    if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise ConfigError(f"datasets directory {c.root} has splits {', '.join(ds)} but no 'train'; "
                               f"point data.source at one split: hf-dataset:{c.root}/SPLIT")
