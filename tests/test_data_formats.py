@@ -14,7 +14,7 @@ import torch
 from paratrain import cli
 from paratrain.config import Config, ConfigError
 from paratrain.data import HFTokenizer, TokenStream, build_data, cached_corpus, load_tokenizer, open_corpus, prepare
-from paratrain.data.packing import DocWindows, pack_windows
+from paratrain.data.packing import DocWindows, document_ends, pack_windows
 
 DOCS = [f"document {i}: " + "héllo wörld ✓ " * (i % 5 + 1) + "x" * (i * 7 % 40) for i in range(40)]
 
@@ -175,6 +175,8 @@ def test_doc_windows_split(tmp_path):
     assert train.bounds.tolist()[:3] == [0, 4, 13]  # "abc"+EOS alone: the next document does not fit
     assert train[0]["input_ids"].tolist() == [97, 98, 99, 258, 256, 256, 256, 256]
     assert train[0]["labels"].tolist() == [98, 99, 258] + [-100] * 5
+    prepare(sorted(tmp_path.glob("*.txt")), tmp_path / "bos", boundary="bos")
+    assert document_ends(TokenStream(tmp_path / "bos")).tolist() == [4, 45]  # [BOS]abc | [BOS]dede...
 
 
 def test_cli_prepare_jsonl_with_workers(tmp_path, capsys):
