@@ -32,7 +32,7 @@ def export_hf(run_or_ckpt: str | Path, out: str | Path) -> Path:
     run, path = find_checkpoint(Path(run_or_ckpt))
     if not (run / "config.toml").is_file():
         raise ConfigError(f"run directory {run} has no config.toml; export needs the run's [model]")
-    cfg = Config.load(run / "config.toml")
+    cfg = Config.load(run / "config.toml", ['--model.init_from=""'])  # the starting weights need not exist now
     ckpt.verify(path)
     meta = ckpt.load_file(path, "meta.json")
     if meta.get("arch") != cfg.model.arch:
