@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable
 
@@ -28,6 +29,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "doctor": ("paratrain.doctor", "check this machine's CUDA, cuDNN, NCCL, gloo and network setup"),
     "bench": ("paratrain.bench", "benchmark collectives and parameter-server transport"),
     "report": ("paratrain.report", "write RUN_DIR/report.md with plots"),
+    "import-hf": ("paratrain.convert.import_hf", "convert a local Hugging Face model directory into a paratrain run"),
+    "export-hf": ("paratrain.convert.export_hf", "write a run's checkpoint as a Hugging Face model directory"),
 }
 
 
@@ -58,12 +61,17 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def _add_prepare(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="stdlib | text:GLOB | a file or directory of text")
+    p.add_argument("source", help="stdlib | text:GLOB | jsonl:GLOB | parquet:GLOB | hf-dataset:DIR | a file or "
+                   "directory of text")
     p.add_argument("--out", required=True, help="output shard directory")
-    p.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
+    p.add_argument("--tokenizer", default="byte", help="byte | bpe | bpe:VOCAB (trained) | hf:PATH")
     p.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard file")
-    p.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size for --tokenizer bpe")
     p.add_argument("--max-memory-mb", type=float, default=256.0, help="bound on the tokenizing buffer")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
+    p.add_argument("--text-field", default="text", help="jsonl / parquet / hf-dataset: the column with the text")
+    p.add_argument("--boundary", default="eos", choices=["eos", "bos", "bos_eos", "none"],
+                   help="tokens between documents")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -94,27 +102,31 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    import time
     from pathlib import Path
 
-    from paratrain.data import prepare, stdlib_files
+    from paratrain.data import Corpus, open_corpus, prepare
     from paratrain.data.sources import text_files
 
     src = args.source
-    if src == "stdlib":
-        files = stdlib_files()
-    elif src.startswith("text:"):
-        files = text_files(src[5:])
+    if src == "stdlib" or src.split(":", 1)[0] in ("text", "jsonl", "parquet", "hf-dataset"):
+        corpus = open_corpus(src, args.text_field)
     elif Path(src).is_dir():
-        files = text_files(str(Path(src) / "**" / "*"))
+        corpus = Corpus("text", tuple(text_files(str(Path(src) / "**" / "*"))))
     elif Path(src).is_file():
-        files = [Path(src)]
+        corpus = Corpus("text", (Path(src),))
     else:
-        raise UsageError(f"source '{src}' is not 'stdlib', 'text:GLOB', a file or a directory")
-    if args.shard_tokens < 1:
-        raise UsageError("--shard-tokens must be at least 1")
-    meta = prepare(files, Path(args.out), tokenizer=args.tokenizer, shard_tokens=args.shard_tokens,
-                   max_memory_mb=args.max_memory_mb, bpe_vocab=args.bpe_vocab)
-    print(f"wrote {meta['total_tokens']:,} tokens in {len(meta['shards'])} shard(s) to {args.out}")
+        raise UsageError(f"source '{src}' is not 'stdlib', 'text:GLOB', 'jsonl:GLOB', 'parquet:GLOB', "
+                         "'hf-dataset:DIR', a file or a directory")
+    if args.shard_tokens < 1 or args.workers < 1:
+        raise UsageError("--shard-tokens and --workers must be at least 1")
+    t0 = time.perf_counter()
+    meta = prepare(corpus, Path(args.out), tokenizer=args.tokenizer, shard_tokens=args.shard_tokens,
+                   max_memory_mb=args.max_memory_mb, bpe_vocab=args.bpe_vocab, source=src,
+                   boundary=args.boundary, workers=args.workers, progress=True)
+    rate = meta["total_tokens"] / max(time.perf_counter() - t0, 1e-9)
+    print(f"wrote {meta['total_tokens']:,} tokens ({meta['dtype']}) in {len(meta['shards'])} shard(s) to "
+          f"{args.out}, {rate:,.0f} tokens/s")
     return 0
 
 

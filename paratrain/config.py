@@ -36,27 +36,40 @@ class RunConfig:
 class ModelConfig:
     """paratrain's own model (ignored when you pass a model of your own to paratrain.train)."""
 
-    arch: str = "gpt"  # gpt: decoder-only LM; seq2seq: encoder-decoder (synthetic tasks); bert: masked LM
+    # gpt: GPT-2-style decoder LM; llama: Llama-style decoder LM (RoPE, RMSNorm, SwiGLU, GQA);
+    # seq2seq: encoder-decoder (synthetic tasks); bert: masked LM
+    arch: str = "gpt"
     n_layer: int = 4  # Transformer blocks (the encoder's, for seq2seq)
     n_head: int = 4  # attention heads; must divide d_model (with tp > 1, n_head and d_ff divide by tp)
     d_model: int = 128  # hidden width
-    d_ff: int = 512  # feed-forward inner width
+    d_ff: int = 512  # feed-forward inner width (llama: the SwiGLU hidden size)
     vocab_size: int = 0  # vocabulary size; 0: taken from the data's tokenizer
-    max_seq_len: int = 256  # longest sequence the position embedding covers (>= data.seq_len)
+    max_seq_len: int = 256  # longest sequence the model takes (>= data.seq_len)
     dropout: float = 0.0  # dropout probability in attention and feed-forward
     n_dec_layer: int = 0  # seq2seq decoder layers; 0: same as n_layer
-    tie_embeddings: bool = True  # share the token embedding with the output head (false for pp > 1)
+    tie_embeddings: bool = True  # share the token embedding with the output head
+    n_kv_head: int = 0  # llama: key/value heads (grouped-query attention); 0: n_head
+    rope_theta: float = 10000.0  # llama: rotary position embedding base
+    norm_eps: float = 1e-5  # llama: RMSNorm epsilon
+    init_from: str = ""  # "hf:DIR": start from a local Hugging Face checkpoint (config.json + *.safetensors)
 
 
 @dataclass
 class DataConfig:
     """Where the tokens come from and how they are batched."""
 
-    source: str = "stdlib"  # stdlib (Python's own sources) | synthetic:reverse|sort|add | text:GLOB | shards:DIR
+    # stdlib (Python's own sources) | synthetic:reverse|sort|add | text:GLOB | jsonl:GLOB | parquet:GLOB
+    # | hf-dataset:DIR | shards:DIR (made by paratrain prepare)
+    source: str = "stdlib"
     seq_len: int = 128  # tokens per training sequence
     batch_size: int = 16  # micro-batch per data-parallel replica (TP/PP ranks of one replica share it)
     val_fraction: float = 0.02  # share of the corpus held out for evaluation
-    tokenizer: str = "byte"  # tokenizer for text sources (byte: 256 bytes + specials); shards carry their own
+    # byte (256 bytes + specials) | bpe | bpe:VOCAB (trained by prepare) | hf:PATH (a local tokenizer.json);
+    # shards carry their own
+    tokenizer: str = "byte"
+    text_field: str = "text"  # jsonl / parquet / hf-dataset sources: the column holding the text
+    boundary: str = "eos"  # token(s) between documents: eos | bos | bos_eos | none
+    packing: str = "concat"  # concat: windows cut across documents; docs: whole documents per window, padded
     num_samples: int = 20000  # synthetic tasks: training samples per epoch
     task_len: int = 8  # synthetic tasks: digits per operand
     mask_prob: float = 0.15  # bert masked-LM: share of tokens masked
@@ -183,9 +196,10 @@ _SECTIONS: dict[str, type] = {
 }
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("model", "arch"): ("gpt", "seq2seq", "bert"),
-    ("data", "tokenizer"): ("byte", "bpe"),
+    ("model", "arch"): ("gpt", "llama", "seq2seq", "bert"),
     ("data", "verify"): ("sample", "full"),
+    ("data", "boundary"): ("eos", "bos", "bos_eos", "none"),
+    ("data", "packing"): ("concat", "docs"),
     ("train", "optimizer"): ("adamw", "sgd", "onebit_adam"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "activation_checkpointing"): ("none", "full", "selective"),
@@ -211,6 +225,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("model", "max_seq_len"): (1, None),
     ("model", "dropout"): (0.0, 0.99),
     ("model", "n_dec_layer"): (0, None),
+    ("model", "n_kv_head"): (0, None),
     ("data", "seq_len"): (2, None),
     ("data", "batch_size"): (1, None),
     ("data", "val_fraction"): (0.0, 0.5),

@@ -25,6 +25,7 @@ def check_combinations(cfg: Config) -> None:
             f"model.n_head = {m.n_head} does not divide model.d_model = {m.d_model}; "
             "pick n_head so d_model / n_head is a whole number"
         )
+    check_llama(cfg)
     if m.vocab_size and d.tokenizer == "byte" and m.vocab_size < 261:
         raise ConfigError(
             f"model.vocab_size = {m.vocab_size} is too small for byte tokens (need >= 261, or 0 for auto)"
@@ -35,12 +36,13 @@ def check_combinations(cfg: Config) -> None:
             "raise max_seq_len or shorten seq_len"
         )
     src = d.source
-    known = ("stdlib", "synthetic:", "text:", "shards:")
+    known = ("stdlib", "synthetic:", "text:", "shards:", "jsonl:", "parquet:", "hf-dataset:")
     if not any(src == k or (k.endswith(":") and src.startswith(k)) for k in known):
         raise ConfigError(
             f"data.source = {src!r} is not one of 'stdlib', 'synthetic:reverse|sort|add', "
-            "'text:GLOB', 'shards:DIR'"
+            "'text:GLOB', 'jsonl:GLOB', 'parquet:GLOB', 'hf-dataset:DIR', 'shards:DIR'"
         )
+    check_data_keys(cfg)
     if src.startswith("synthetic:"):
         task = src.split(":", 1)[1]
         if task not in ("reverse", "sort", "add"):
@@ -70,6 +72,46 @@ def check_combinations(cfg: Config) -> None:
     check_layout(cfg)
 
 
+def check_data_keys(cfg: Config) -> None:
+    """Tokenizer spec, document packing and ``model.init_from``."""
+    d, m = cfg.data, cfg.model
+    tok = d.tokenizer
+    if tok not in ("byte", "bpe") and not tok.startswith("hf:") and not (
+            tok.startswith("bpe:") and tok[4:].isdigit() and 300 <= int(tok[4:]) <= 1 << 20):
+        raise ConfigError(f"data.tokenizer = {tok!r} is not 'byte', 'bpe', 'bpe:VOCAB' (300 <= VOCAB <= 1048576) "
+                          "or 'hf:PATH' (a local tokenizer.json)")
+    if d.packing == "docs" and d.boundary == "none":
+        raise ConfigError("data.packing = 'docs' finds documents by their boundary tokens; "
+                          "set data.boundary = 'eos' (or 'bos', 'bos_eos')")
+    if not d.text_field:
+        raise ConfigError("data.text_field is empty; name the column that holds the text (default 'text')")
+    if m.init_from:
+        if not m.init_from.startswith("hf:") or len(m.init_from) == 3:
+            raise ConfigError(f"model.init_from = {m.init_from!r} must be 'hf:DIR' (a local Hugging Face model dir)")
+        if cfg.parallel.meta_init:
+            raise ConfigError("model.init_from loads weights into a model built in memory; set "
+                              "parallel.meta_init = false")
+        from paratrain.hf import check_init_from
+
+        check_init_from(m)
+
+
+def check_llama(cfg: Config) -> None:
+    """Grouped-query heads, rotary base and RMSNorm epsilon (read by model.arch = 'llama')."""
+    m = cfg.model
+    for key in ("rope_theta", "norm_eps"):
+        value = getattr(m, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"model.{key} = {value} must be a finite positive number")
+    kv = m.n_kv_head or m.n_head
+    if m.n_head % kv:
+        raise ConfigError(f"model.n_kv_head = {kv} does not divide model.n_head = {m.n_head}; "
+                          "each key/value head serves a whole group of query heads")
+    if m.arch == "llama" and (m.d_model // m.n_head) % 2:
+        raise ConfigError(f"model.d_model / n_head = {m.d_model // m.n_head} is odd; rotary embeddings "
+                          "rotate pairs of head dimensions, so pick an even head size")
+
+
 def check_layout(cfg: Config) -> None:
     """Tensor / pipeline / ZeRO layouts that cannot work, each rejected with a one-line reason."""
     m, d, p = cfg.model, cfg.data, cfg.parallel
@@ -78,6 +120,9 @@ def check_layout(cfg: Config) -> None:
             if value % p.tp:
                 raise ConfigError(f"model.{key} = {value} is not divisible by parallel.tp = {p.tp}; "
                                   "tensor parallel splits it evenly across ranks")
+        if m.arch == "llama" and (m.n_kv_head or m.n_head) % p.tp:
+            raise ConfigError(f"model.n_kv_head = {m.n_kv_head or m.n_head} is not divisible by parallel.tp = "
+                              f"{p.tp}; tensor parallel gives each rank whole key/value heads (lower tp)")
     if p.pp > 1:
         mb = p.microbatches or p.pp
         if d.batch_size % mb:
@@ -124,13 +169,9 @@ def check_model_layout(cfg: Config) -> None:
     """How paratrain's own model (``[model]``) is pipelined; skipped for a model of your own."""
     m, p = cfg.model, cfg.parallel
     if p.pp > 1:
-        if m.arch != "gpt":
-            raise ConfigError(f"pipeline parallel supports model.arch = 'gpt' only, not {m.arch!r}; "
-                              "use tp or zero for it")
-        if m.tie_embeddings:
-            raise ConfigError("model.tie_embeddings = true cannot span pipeline stages (embedding on the "
-                              "first, head on the last); set model.tie_embeddings = false (a model of your "
-                              "own: Config.load(..., own_model=False))")
+        if m.arch not in ("gpt", "llama"):
+            raise ConfigError(f"pipeline parallel splits the decoder LMs (model.arch = 'gpt' or 'llama'), "
+                              f"not {m.arch!r}; use tp or zero for it")
         v = p.virtual_stages if p.pp_schedule == "interleaved" else 1
         if p.pp * v > m.n_layer:
             what = f"pp * virtual_stages = {p.pp} * {v}" if v > 1 else f"pp = {p.pp}"

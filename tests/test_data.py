@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from paratrain.config import Config, ConfigError
+from paratrain.data.cache import cached_corpus
 from paratrain.data.loader import DistributedBatches, LMWindows, MLMWindows, build_data, val_batches
-from paratrain.data.shards import TokenStream, cached_corpus, prepare
+from paratrain.data.prepare import prepare
+from paratrain.data.shards import TokenStream
 from paratrain.data.sources import stdlib_files, text_files
 from paratrain.data.tasks import TaskDataset, split_of
 from paratrain.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer

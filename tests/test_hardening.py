@@ -23,7 +23,8 @@ import torch
 
 from paratrain import cli
 from paratrain.config import Config, ConfigError
-from paratrain.data.shards import TokenStream, prepare
+from paratrain.data.prepare import prepare
+from paratrain.data.shards import TokenStream
 from paratrain.training import checkpoint as ckpt
 from paratrain.training import rundir
 from tests.conftest import TINY_MODEL

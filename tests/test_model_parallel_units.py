@@ -25,7 +25,8 @@ BAD_LAYOUTS = [
     (["--parallel.nproc=4", "--parallel.tp=4", "--model.n_head=2"], "model.n_head = 2 is not divisible"),
     (["--parallel.nproc=4", "--parallel.tp=4", "--model.n_head=4", "--model.d_ff=66"], "model.d_ff = 66"),
     (["--parallel.nproc=4", "--parallel.pp=4", "--model.tie_embeddings=false"], "exceeds model.n_layer = 2"),
-    (["--parallel.nproc=2", "--parallel.pp=2"], "tie_embeddings"),
+    (["--parallel.nproc=2", "--parallel.tp=2", "--model.arch=llama", "--model.n_kv_head=1"],
+     "model.n_kv_head = 1 is not divisible by parallel.tp = 2"),
     (["--parallel.nproc=2", "--parallel.pp=2", "--model.tie_embeddings=false", "--parallel.pp_schedule=interleaved"],
      "pp * virtual_stages = 2 * 2 exceeds"),
     (["--parallel.nproc=2", "--parallel.pp=2", "--model.tie_embeddings=false", "--parallel.microbatches=3"],
@@ -37,7 +38,7 @@ BAD_LAYOUTS = [
     (["--parallel.nproc=2", "--parallel.zero=1", "--parallel.cpu_offload=true"], "cpu_offload needs"),
     (["--parallel.nproc=2", "--parallel.tp=2", '--compression.gradient="int8"'], "compresses DDP gradients"),
     (["--parallel.nproc=2", "--parallel.pp=2", "--model.arch=seq2seq", '--data.source="synthetic:reverse"'],
-     "supports model.arch = 'gpt' only"),
+     "splits the decoder LMs (model.arch = 'gpt' or 'llama')"),
 ]
 
 

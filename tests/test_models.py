@@ -102,8 +102,8 @@ def test_sinusoidal_positions():
 def test_build_model_dispatch():
     assert isinstance(make("gpt"), GPT) and isinstance(make("seq2seq"), Seq2Seq)
     assert isinstance(make("bert"), BERT)
-    with pytest.raises(ValueError):
-        build_model(tiny("llama"), V, PAD)
+    with pytest.raises(ValueError, match=r"gpt \| llama \| seq2seq \| bert"):
+        build_model(tiny("mamba"), V, PAD)
 
 
 # ---- masks ------------------------------------------------------------------------------------

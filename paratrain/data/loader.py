@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from paratrain.config import Config, ConfigError
-from paratrain.data.shards import TokenStream, cached_corpus
+from paratrain.data.cache import corpus_for
+from paratrain.data.shards import TokenStream
 from paratrain.data.tasks import IGNORE_INDEX, TaskDataset, derive_seed
 from paratrain.data.tokenizer import ByteTokenizer, Tokenizer, special_ids
 
@@ -187,7 +188,8 @@ class DistributedBatches:
 class DataBundle:
     """What a worker needs from the data side.
 
-    ``task``: "lm" (``input_ids``/``labels``), "mlm" (same keys, masked), "seq2seq-task"
+    ``task``: "lm" (``input_ids``/``labels``), "lm-docs" (the same over whole documents, padding
+    labelled -100: ``data.packing = "docs"``), "mlm" (same keys, masked), "seq2seq-task"
     (``src``/``tgt_in``/``labels``) or "lm-task" (``input_ids``/``labels``, loss on the answer only).
     ``exact_match`` is True for synthetic tasks, where whole answers can be scored.
     """
@@ -220,7 +222,7 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> DataBundle:
         )
         task, exact, vocab = ("seq2seq-task" if arch == "seq2seq" else "lm-task"), True, tok.vocab_size
     else:
-        stream = TokenStream(cached_corpus(d.source, d.tokenizer), verify=d.verify)
+        stream = TokenStream(corpus_for(d), verify=d.verify)
         tok, vocab = stream.tokenizer, stream.vocab_size
         if arch == "bert":
             train_ds, val_ds = (
@@ -228,7 +230,13 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> DataBundle:
                 for split in ("train", "val")
             )
             task = "mlm"
-        elif arch == "gpt":
+        elif arch in ("gpt", "llama") and d.packing == "docs":
+            from paratrain.data.packing import DocWindows
+
+            train_ds = DocWindows(stream, d.seq_len, "train", d.val_fraction)
+            val_ds = DocWindows(stream, d.seq_len, "val", d.val_fraction, bounds=train_ds.bounds)
+            task = "lm-docs"
+        elif arch in ("gpt", "llama"):
             train_ds, val_ds = (
                 LMWindows(stream, d.seq_len, split, d.val_fraction) for split in ("train", "val")
             )

@@ -1,35 +1,37 @@
-"""Memory-mapped token shards: streaming preparation, validated reading, and a local cache.
+"""Memory-mapped token shards: their format, validated reading and verification.
 
 A shard directory holds ``shard_00000.bin``, ``shard_00001.bin``, ... (raw little-endian uint16
-tokens, every document followed by EOS), optionally ``tokenizer.json`` (BPE), and ``meta.json``.
+tokens, or uint32 for vocabularies over 65536 ids, documents separated by boundary tokens),
+optionally ``tokenizer.json`` (BPE or a Hugging Face tokenizer), and ``meta.json``.  The shards
+are written by :func:`paratrain.data.prepare.prepare`.
 ``meta.json`` is written last and atomically, so a directory without it is never used.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
-import shutil
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from paratrain.config import ConfigError
-from paratrain.data.sources import iter_chunks, source_files
-from paratrain.data.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, Tokenizer, special_ids
-from paratrain.fileio import sha256_file, write_json_atomic
+from paratrain.data.tokenizer import Tokenizer, tokenizer_of_shards
+from paratrain.fileio import sha256_file
 
 FORMAT = "paratrain-shards"
 VERSION = 1
 META = "meta.json"
 DTYPE = np.dtype("<u2")
-DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MiB per shard
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+DEFAULT_SHARD_TOKENS = 1 << 24  # 32 MiB per uint16 shard
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    """uint16 tokens when every id fits, else uint32."""
+    return DTYPES["uint16"] if vocab_size <= 1 << 16 else DTYPES["uint32"]
 
 
 def shard_name(i: int) -> str:
@@ -37,12 +39,12 @@ def shard_name(i: int) -> str:
     return f"shard_{i:05d}.bin"
 
 
-class _Sink:
+class Sink:
     """Tokens -> a fixed-size buffer -> consecutive shard files, hashed as they are written."""
 
-    def __init__(self, out_dir: Path, shard_tokens: int, buffer_tokens: int) -> None:
+    def __init__(self, out_dir: Path, shard_tokens: int, buffer_tokens: int, dtype: np.dtype = DTYPE) -> None:
         self.out_dir, self.shard_tokens = out_dir, shard_tokens
-        self.buf, self.n, self.total = np.empty(max(1, buffer_tokens), DTYPE), 0, 0
+        self.buf, self.n, self.total = np.empty(max(1, buffer_tokens), dtype), 0, 0
         self.shards: list[dict[str, Any]] = []
         self._f, self._hash, self._in_shard = None, hashlib.sha256(), 0
 
@@ -50,7 +52,7 @@ class _Sink:
         pos = 0
         while pos < len(tokens):
             take = min(len(tokens) - pos, len(self.buf) - self.n)
-            self.buf[self.n:self.n + take] = tokens[pos:pos + take]  # casts uint8 -> uint16 in place
+            self.buf[self.n:self.n + take] = tokens[pos:pos + take]  # casts to the shard dtype in place
             self.n, pos = self.n + take, pos + take
             if self.n == len(self.buf):
                 self.flush()
@@ -84,70 +86,6 @@ class _Sink:
         return self.shards
 
 
-def prepare(
-    files: Sequence[str | Path],
-    out_dir: str | Path,
-    tokenizer: str = "byte",
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    max_memory_mb: float = 256.0,
-    bpe_vocab: int = 8192,
-    source: str = "",
-) -> dict[str, Any]:
-    """Tokenize ``files`` into uint16 shards under ``out_dir``; returns the meta dict.
-
-    Files are streamed in pieces, so memory on the Python side stays within about
-    ``max_memory_mb`` whatever the corpus size (a quarter of it is the token buffer, the rest
-    holds text being tokenized).  For ``tokenizer="bpe"`` a BPE of ``bpe_vocab`` tokens is trained
-    on the files first (also streamed; its own memory is the ``tokenizers`` library's).
-    """
-    files = [Path(f) for f in files]
-    if not files:
-        raise ConfigError("nothing to prepare: the source has no files")
-    if all(f.stat().st_size == 0 for f in files):  # checked before the output dir is touched
-        raise ConfigError(f"nothing to prepare: the source's {len(files)} file(s) are all empty; give it some text")
-    if shard_tokens < 1:
-        raise ConfigError(f"shard_tokens = {shard_tokens} must be at least 1")
-    if max_memory_mb <= 0:
-        raise ConfigError(f"max_memory_mb = {max_memory_mb} must be positive")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output '{out}' exists and is not a directory; pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META).unlink(missing_ok=True)  # invalidate first: a crash below leaves no valid dir
-    for old in [*out.glob("shard_*.bin"), out / TOKENIZER_FILE]:
-        old.unlink(missing_ok=True)
-
-    budget = int(max_memory_mb * 2**20)
-    tok: Tokenizer
-    if tokenizer == "byte":
-        tok, chunk_chars = ByteTokenizer(), budget // 32
-    elif tokenizer == "bpe":
-        chunk_chars = budget // 96  # a Python list of ids costs ~36 bytes per token
-        tok = BPETokenizer().train((text for text, _ in iter_chunks(files, chunk_chars)), bpe_vocab)
-        tok.save(out)
-    else:
-        raise ConfigError(f"tokenizer {tokenizer!r} is not 'byte' or 'bpe'")
-
-    sink = _Sink(out, shard_tokens, budget // 8)
-    eos = np.array([tok.eos_id], DTYPE)
-    docs = 0
-    for text, last in iter_chunks(files, chunk_chars):
-        if text:
-            if tokenizer == "byte":
-                sink.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8))
-            else:
-                sink.append(np.asarray(tok.encode(text), dtype=DTYPE))
-        if last:
-            sink.append(eos)
-            docs += 1
-    shards = sink.close()
-    meta = {"format": FORMAT, "version": VERSION, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
-            "special_ids": special_ids(tok), "dtype": "uint16", "byteorder": "little", "shards": shards,
-            "total_tokens": sink.total, "documents": docs, "source": source}
-    write_json_atomic(out / META, meta)
-    return meta
-
-
 def _bad(d: Path, problem: str) -> ConfigError:
     return ConfigError(f"shards dir {d} {problem}; re-run `paratrain prepare SOURCE --out {d}`")
 
@@ -161,7 +99,7 @@ def read_meta(shard_dir: str | Path, verify: bool = False) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
         shards = meta["shards"]
-        ok = (meta["format"] == FORMAT and meta["dtype"] == "uint16" and isinstance(shards, list)
+        ok = (meta["format"] == FORMAT and meta["dtype"] in DTYPES and isinstance(shards, list)
               and meta["total_tokens"] == sum(int(s["tokens"]) for s in shards))
         newer = int(meta["version"]) > VERSION
     except (ValueError, KeyError, TypeError) as e:
@@ -170,11 +108,12 @@ def read_meta(shard_dir: str | Path, verify: bool = False) -> dict[str, Any]:
         raise _bad(d, "has a corrupt meta.json (wrong format, dtype or token count)")
     if newer:
         raise ConfigError(f"shards dir {d} has format version {meta['version']}; upgrade paratrain")
+    size = DTYPES[meta["dtype"]].itemsize
     for s in shards:
         f = d / s["file"]
         if not f.is_file():
             raise _bad(d, f"is missing {s['file']}")
-        if f.stat().st_size != int(s["tokens"]) * DTYPE.itemsize:
+        if f.stat().st_size != int(s["tokens"]) * size:
             raise _bad(d, f"has {s['file']} of the wrong size (truncated or overwritten)")
     if verify:
         verify_shards(d, meta, "full")
@@ -197,7 +136,7 @@ def verify_shards(d: Path, meta: dict[str, Any], mode: str = "sample") -> None:
         f, n = d / s["file"], int(s["tokens"])
         if i in full and sha256_file(f) != s["sha256"]:
             raise _bad(d, f"has {s['file']} with a wrong sha256 (corrupted or overwritten)")
-        tokens = np.memmap(f, dtype=DTYPE, mode="r", shape=(n,))
+        tokens = np.memmap(f, dtype=DTYPES[meta["dtype"]], mode="r", shape=(n,))
         w = 1 << 16
         spans = [(0, n)] if i in full else [(0, w), (max(0, n // 2 - w // 2), n // 2 + w // 2), (max(0, n - w), n)]
         for a, b in spans:
@@ -217,7 +156,8 @@ class TokenStream:
         self.meta = read_meta(self.dir)
         if verify:
             verify_shards(self.dir, self.meta, "sample" if verify == "sample" else "full")
-        self._maps = [np.memmap(self.dir / s["file"], dtype=DTYPE, mode="r", shape=(int(s["tokens"]),))
+        self.dtype = DTYPES[self.meta["dtype"]]
+        self._maps = [np.memmap(self.dir / s["file"], dtype=self.dtype, mode="r", shape=(int(s["tokens"]),))
                       for s in self.meta["shards"] if int(s["tokens"]) > 0]
         self._starts = [0]
         for m in self._maps:
@@ -235,15 +175,19 @@ class TokenStream:
     def tokenizer(self) -> Tokenizer:
         """The tokenizer these shards were made with."""
         if self._tokenizer is None:
-            byte = self.meta["tokenizer"] == "byte"
-            self._tokenizer = ByteTokenizer() if byte else BPETokenizer.load(self.dir)
+            self._tokenizer = tokenizer_of_shards(self.dir, self.meta)
         return self._tokenizer
 
+    @property
+    def boundary(self) -> str:
+        """How documents are separated: eos | bos | bos_eos | none (older shards: eos)."""
+        return str(self.meta.get("boundary", "eos"))
+
     def slice(self, start: int, stop: int) -> np.ndarray:
-        """Tokens ``[start, stop)`` as a fresh uint16 array (may span shards)."""
+        """Tokens ``[start, stop)`` as a fresh array of the shard dtype (may span shards)."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"slice [{start}, {stop}) out of range for {len(self)} tokens")
-        out = np.empty(stop - start, DTYPE)
+        out = np.empty(stop - start, self.dtype)
         i, pos = bisect_right(self._starts, start) - 1, 0
         while pos < len(out):
             local = start + pos - self._starts[i]
@@ -255,54 +199,3 @@ class TokenStream:
 
     def __repr__(self) -> str:
         return f"TokenStream({str(self.dir)!r}, tokens={len(self)}, shards={len(self._maps)})"
-
-
-def cache_root() -> Path:
-    """``$PARATRAIN_CACHE`` or ``~/.cache/paratrain``."""
-    return Path(os.environ.get("PARATRAIN_CACHE") or Path.home() / ".cache" / "paratrain")
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def cached_corpus(source: str, tokenizer: str = "byte", bpe_vocab: int = 8192,
-                  max_memory_mb: float = 256.0) -> Path:
-    """The shard directory for ``source`` (``stdlib`` | ``text:GLOB`` | ``shards:DIR``).
-
-    Text sources are prepared on first use into the cache, keyed by the source, the files'
-    paths, sizes and mtimes, and the tokenizer; concurrent callers wait on a lock file and the
-    result appears by an atomic rename.  ``shards:DIR`` returns DIR after checking its meta.
-    """
-    if source.startswith("shards:"):
-        d = Path(os.path.expanduser(source[len("shards:"):]))
-        read_meta(d)
-        return d
-    files = source_files(source)
-    listing = [[str(p), st.st_size, st.st_mtime_ns] for p in files for st in [p.stat()]]
-    spec = {"version": VERSION, "source": source, "tokenizer": tokenizer, "files": listing}
-    if tokenizer == "bpe":
-        spec["bpe_vocab"] = bpe_vocab
-    key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
-    root = cache_root() / "corpora"
-    name = f"{source.split(':', 1)[0]}-{tokenizer}-{key}"
-    final = root / name
-    if (final / META).is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f"{name}.lock"):
-        if (final / META).is_file():  # another process finished while we waited
-            return final
-        tmp = root / f"{name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        prepare(files, tmp, tokenizer=tokenizer, max_memory_mb=max_memory_mb, bpe_vocab=bpe_vocab,
-                source=source)
-        shutil.rmtree(final, ignore_errors=True)  # a stale, meta-less leftover
-        os.rename(tmp, final)
-    return final

@@ -1,4 +1,4 @@
-"""Transformer building blocks shared by the GPT, seq2seq and BERT models.
+"""Transformer building blocks shared by the GPT, Llama, seq2seq and BERT models.
 
 Everything here is plain single-device code built from ``nn.Linear``/``nn.LayerNorm`` so
 that parallelism can be applied from outside: tensor parallel shards the named linears
@@ -19,7 +19,8 @@ from paratrain.config import ModelConfig
 
 
 class AttentionCore(nn.Module):
-    """softmax(Q K^T / sqrt(d_head)) V over (B, H, T, d_head) tensors, via SDPA.
+    """softmax(Q K^T / sqrt(d_head)) V over (B, H, T, d_head) tensors, via SDPA (K and V may
+    have fewer heads than Q, a divisor of them: grouped-query attention).
 
     A parameter-free module of its own so that selective activation checkpointing can
     wrap (and recompute) just the attention scores.
@@ -32,7 +33,11 @@ class AttentionCore(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
         p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        # fewer key/value heads than query heads: grouped-query attention, each k/v head serving
+        # n_q / n_kv consecutive query heads (the grouping of Hugging Face's repeat_kv)
+        gqa = k.shape[1] != q.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
+                                              enable_gqa=gqa)
 
 
 class MultiHeadAttention(nn.Module):
@@ -159,6 +164,81 @@ class DecoderBlock(nn.Module):
         return x + self.ffn(self.ln3(x))
 
 
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dimension, computed in fp32 and cast
+    back to the input dtype before the scale (as Hugging Face's Llama does)."""
+
+    def __init__(self, d: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class DecoderLM(nn.Module):
+    """What paratrain's decoder-only LMs (GPT, Llama) share: the pipeline stage protocol and
+    greedy decoding.
+
+    A pipeline chunk is the model itself with the other entries of ``layers`` deleted (keys
+    stay "0".."n_layer-1", so parameter names stay stable) and the modules named in
+    ``first_stage`` / ``last_stage`` set to None off the first / last stage.  ``forward``
+    embeds integer input (token ids) and passes floating-point input (hidden states from the
+    previous stage) straight to the layers; without ``norm``/``lm_head`` it returns hidden
+    states.  A last stage whose head is tied to the embedding keeps ``tok_emb`` to hold the
+    shared weight (see :mod:`paratrain.parallel.pipeline`).
+    """
+
+    first_stage: tuple[str, ...] = ("tok_emb",)
+    last_stage: tuple[str, ...] = ("norm", "lm_head")
+
+    def init_weights(self) -> None:
+        """(Re-)tie the head to the embedding and initialize all parameters from the global
+        torch seed (also after ``to_empty`` on a model built on the meta device)."""
+        if self.cfg.tie_embeddings and self.tok_emb is not None and self.lm_head is not None:
+            self.lm_head.weight = self.tok_emb.weight
+        init_weights(self, self.cfg.n_layer)
+
+    def head(self, x: Tensor) -> Tensor:
+        """The final norm and LM head, where this stage has them."""
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
+    def layer_modules(self) -> list[nn.Module]:
+        """The repeated Transformer blocks (for FSDP / activation-checkpoint wrapping)."""
+        return list(self.layers.values())
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_id: int | None = None) -> Tensor:
+        """Greedy decoding: append ``max_new_tokens`` argmax tokens to ``input_ids`` (B, T).
+
+        The context is cropped to the last ``max_seq_len`` tokens. With ``eos_id``, a row
+        that has produced it continues with ``pad_id``, and decoding stops once every row
+        has. Returns prompt and continuation, (B, T + n_generated). Runs in eval mode.
+        """
+        was_training = self.training
+        self.eval()
+        out = input_ids
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self(out[:, -self.cfg.max_seq_len:])
+            nxt = logits[:, -1].argmax(dim=-1)
+            if eos_id is not None:
+                nxt = nxt.masked_fill(done, self.pad_id)
+                done = done | (nxt == eos_id)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+        self.train(was_training)
+        return out
+
+
 def build_token_stack(model: nn.Module, cfg: ModelConfig, vocab_size: int, pad_id: int, causal: bool) -> None:
     """Give ``model`` what GPT and BERT share: ``tok_emb`` + learned ``pos_emb``, ``drop``,
     ``layers`` (a ModuleDict "0".."n_layer-1" of causal or bidirectional blocks) and the
@@ -186,10 +266,14 @@ def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
     return pe
 
 
+RESIDUAL_PROJECTIONS = ("out_proj", "fc2", "o_proj", "down_proj")  # write into the residual stream
+
+
 def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
     """GPT-2 initialization: N(0, std) for Linear/Embedding weights, zero biases, unit
-    LayerNorms, and N(0, std / sqrt(2 * n_layer)) for the residual projections
-    (``out_proj`` and ``fc2``). A tied weight is initialized once, by its first owner."""
+    LayerNorms and RMSNorms, and N(0, std / sqrt(2 * n_layer)) for the residual projections
+    (``out_proj``/``o_proj`` and ``fc2``/``down_proj``). A tied weight is initialized once, by
+    its first owner."""
     scaled = std / math.sqrt(2 * n_layer)
     seen: set[int] = set()
 
@@ -203,7 +287,7 @@ def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
         for name, m in model.named_modules():
             if isinstance(m, nn.Linear):
                 if fresh(m.weight):
-                    nn.init.normal_(m.weight, 0.0, scaled if name.endswith(("out_proj", "fc2")) else std)
+                    nn.init.normal_(m.weight, 0.0, scaled if name.endswith(RESIDUAL_PROJECTIONS) else std)
                 if fresh(m.bias):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
@@ -214,6 +298,9 @@ def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
                     nn.init.ones_(m.weight)
                 if fresh(m.bias):
                     nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                if fresh(m.weight):
+                    nn.init.ones_(m.weight)
 
 
 # ---- accounting -------------------------------------------------------------------------------
@@ -235,7 +322,8 @@ def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int, arch:
         flops = 6 * N_matmul + 12 * d_model * seq_len * n_attn
 
     ``N_matmul`` counts the weights that take part in matrix multiplies (no biases,
-    LayerNorms or embedding lookups): per self-attention layer ``4 d^2 + 2 d d_ff``, per
+    norms or embedding lookups): per self-attention layer ``4 d^2 + 2 d d_ff`` (Llama:
+    ``2 d^2 + 2 d d_kv + 3 d d_ff``, ``d_kv = n_kv_head * d / n_head``), per
     decoder layer with cross-attention ``8 d^2 + 2 d d_ff``, plus the LM head ``V d`` (and
     BERT's MLM transform ``d^2``). ``n_attn`` is the number of attention score/value
     products a token takes part in: ``n_layer`` for GPT/BERT; for seq2seq (source and
@@ -246,7 +334,11 @@ def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int, arch:
     arch = arch or model_cfg.arch
     d, ff, v = model_cfg.d_model, model_cfg.d_ff, vocab_size
     self_layer = 4 * d * d + 2 * d * ff
-    if arch in ("gpt", "bert"):
+    if arch == "llama":  # q/o d x d, k/v d x d_kv (grouped-query), SwiGLU 3 d x d_ff
+        kv = (model_cfg.n_kv_head or model_cfg.n_head) * (d // model_cfg.n_head)
+        n_matmul = model_cfg.n_layer * (2 * d * d + 2 * d * kv + 3 * d * ff) + v * d
+        n_attn = model_cfg.n_layer
+    elif arch in ("gpt", "bert"):
         n_matmul = model_cfg.n_layer * self_layer + v * d + (d * d if arch == "bert" else 0)
         n_attn = model_cfg.n_layer
     elif arch == "seq2seq":
@@ -254,5 +346,5 @@ def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int, arch:
         n_matmul = n_enc * self_layer + n_dec * (self_layer + 4 * d * d) + v * d
         n_attn = n_enc + 2 * n_dec
     else:
-        raise ValueError(f"unknown arch {arch!r} (gpt | seq2seq | bert)")
+        raise ValueError(f"unknown arch {arch!r} (gpt | llama | seq2seq | bert)")
     return float(6 * n_matmul + 12 * d * seq_len * n_attn)

@@ -26,7 +26,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 
 from paratrain.config import ConfigError
-from paratrain.models.blocks import MultiHeadAttention
+from paratrain.models.blocks import AttentionCore, MultiHeadAttention
 
 AC_PREFIX = "_checkpoint_wrapped_module."
 
@@ -67,7 +67,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, blocks: list[nn.
                 n += 1
         return n
     if mode == "selective":
-        attns = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+        attns = [m for m in model.modules() if isinstance(getattr(m, "core", None), (AttentionCore, CheckpointWrapper))
+                 and not isinstance(m, CheckpointWrapper)]
         if not attns and any(True for _ in model.parameters()):
             raise ConfigError("train.activation_checkpointing = 'selective' needs paratrain's attention "
                               "layers (AttentionCore); use 'full' for this model")

@@ -166,6 +166,8 @@ class ModelParallelSync(GradSync):
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
         d = self.dims
+        if self.pipe is not None:
+            self.pipe.sync_tied_grads()
         if self.pipe is not None and d.dp > 1:
             grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
             self.comm_bytes += allreduce_mean_(grads, d.dp_group, d.dp)
@@ -175,7 +177,8 @@ class ModelParallelSync(GradSync):
         if max_norm <= 0:
             return 0.0
         params = [p for p in model.parameters() if p.grad is not None]
-        norm = grad_norm_sharded(params, self.dims.pp_group)
+        counted = self.pipe.norm_params(params) if self.pipe is not None else params  # a tied weight once
+        norm = grad_norm_sharded(counted, self.dims.pp_group)
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
             for p in params:

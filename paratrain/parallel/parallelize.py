@@ -26,13 +26,12 @@ from typing import Any, Protocol
 from torch import nn
 
 from paratrain.config import Config, ConfigError
-from paratrain.models import GPT
 from paratrain.parallel.data_parallel import CompressedDDPSync, DDPSync, OneBitAdamSync, wrap_ddp
 from paratrain.parallel.dims import ParallelDims
 from paratrain.parallel.memory_policy import apply_activation_checkpointing
 from paratrain.parallel.meta_init import has_meta, materialize
 from paratrain.parallel.model_parallel import ModelParallelSync, PipelineModel
-from paratrain.parallel.pipeline import PipelineRunner
+from paratrain.parallel.pipeline import PipelineRunner, splits_natively
 from paratrain.parallel.pipeline_foreign import ForeignPipelineRunner
 from paratrain.parallel.sharding import Zero1Sync, apply_fsdp
 from paratrain.parallel.sync import GradSync
@@ -112,9 +111,9 @@ def _pipeline(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Confi
                                        spec.first_batch(), spec.loss)
     else:
 
-        if not isinstance(model, GPT):
-            raise ConfigError(f"pipeline parallel supports paratrain's GPT only, not {type(model).__name__}; "
-                              "use tp or zero for this model")
+        if not splits_natively(model):
+            raise ConfigError(f"pipeline parallel splits paratrain's decoder LMs (GPT, Llama), not "
+                              f"{type(model).__name__}; use tp or zero for this model")
         runner = PipelineRunner(model, dims, p.pp_schedule, m, p.virtual_stages,
                                 lambda chunk: _tp_and_ac(chunk, dims, spec, cfg))
     sync.pipe = runner

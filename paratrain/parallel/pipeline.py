@@ -1,11 +1,20 @@
 """Pipeline parallel with ``torch.distributed.pipelining``.
 
-The GPT's block stack is cut into ``pp * v`` contiguous chunks (``v`` = virtual stages per
-rank, 1 unless the schedule is interleaved), balanced by parameter count with the token
-and position embeddings counted on the first chunk and the final norm + LM head on the
-last.  Chunk ``s`` lives on pipeline rank ``s % pp`` (the looped placement interleaved 1F1B
-expects).  Each chunk is the GPT itself with the other layers deleted and ``tok_emb`` /
-``lm_head`` set to None, so parameter names stay those of the single-device model.
+The block stack of a decoder LM (GPT, Llama: :class:`~paratrain.models.blocks.DecoderLM`) is
+cut into ``pp * v`` contiguous chunks (``v`` = virtual stages per rank, 1 unless the schedule
+is interleaved), balanced by parameter count with the embeddings counted on the first chunk
+and the final norm + LM head on the last.  Chunk ``s`` lives on pipeline rank ``s % pp`` (the
+looped placement interleaved 1F1B expects).  Each chunk is the model itself with the other
+layers deleted and its ``first_stage`` / ``last_stage`` modules set to None off the first /
+last stage, so parameter names stay those of the single-device model.
+
+Tied embeddings (Megatron's approach): the first stage holds ``tok_emb`` and the last stage
+keeps it too, as the weight of its ``lm_head``.  After the backward pass the two copies'
+gradients are summed between the first and last stage (:meth:`PipelineRunner.sync_tied_grads`),
+which is the gradient of the single shared weight, so both copies take the same optimizer
+step and stay identical.  The gradient norm counts the shared weight once
+(:meth:`PipelineRunner.norm_params`).  Both copies are named ``tok_emb.weight``, as in the
+single-device model, so checkpoints move between layouts.
 
 Schedules: ``gpipe`` (all forwards, then all backwards), ``1f1b`` (one forward one
 backward in steady state: at most ``pp`` microbatches of activations alive) and
@@ -24,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor
 
 from paratrain.models.loss import token_loss_sum
 
@@ -66,31 +76,65 @@ def partition(weights: list[int], n: int, first_extra: int = 0, last_extra: int 
     return bounds[::-1]
 
 
-def gpt_chunk(model: nn.Module, lo: int, hi: int, first: bool, last: bool) -> nn.Module:
-    """Prune a GPT in place to layers ``[lo, hi)`` (+ embeddings if first, norm/head if last)."""
+def splits_natively(model: nn.Module) -> bool:
+    """Whether ``model`` is one of paratrain's decoder LMs, which this module splits itself."""
+    from paratrain.models.blocks import DecoderLM
+
+    return isinstance(model, DecoderLM)
+
+
+def is_tied(model: nn.Module) -> bool:
+    """Whether the model's LM head shares its weight with the token embedding."""
+    emb, head = getattr(model, "tok_emb", None), getattr(model, "lm_head", None)
+    return emb is not None and head is not None and head.weight is emb.weight
+
+
+def stage_chunk(model: nn.Module, lo: int, hi: int, first: bool, last: bool) -> nn.Module:
+    """Prune a decoder LM in place to layers ``[lo, hi)`` (+ embeddings if first, norm/head if
+    last; a tied last stage keeps ``tok_emb`` as its head's weight)."""
+    tied = is_tied(model)
     for key in list(model.layers.keys()):
         if not lo <= int(key) < hi:
             del model.layers[key]
     if not first:
-        model.tok_emb = None
-        model.pos_emb = None
+        for name in model.first_stage:
+            if not (tied and last and name == "tok_emb"):
+                setattr(model, name, None)
     if not last:
-        model.norm = None
-        model.lm_head = None
+        for name in model.last_stage:
+            setattr(model, name, None)
     return model
 
 
 def split_model(model: nn.Module, n_chunks: int, wanted: list[int]) -> dict[int, nn.Module]:
-    """The chunks with indices ``wanted`` of a GPT cut into ``n_chunks`` (copies but the last)."""
+    """The chunks with indices ``wanted`` of a decoder LM cut into ``n_chunks`` (copies but the last)."""
+    if not splits_natively(model):
+        raise TypeError(f"split_model cuts paratrain's decoder LMs (GPT, Llama), not {type(model).__name__}")
     layers = [_numel(m) for m in model.layers.values()]
-    first_extra = _numel(model.tok_emb) + _numel(model.pos_emb)
-    last_extra = _numel(model.norm) + (_numel(model.lm_head) if model.lm_head is not model.tok_emb else 0)
+    first_extra = sum(_numel(getattr(model, n)) for n in model.first_stage)
+    last_extra = sum(_numel(getattr(model, n)) for n in model.last_stage)  # a tied head: its copy
     bounds = partition(layers, n_chunks, first_extra, last_extra)
     out = {}
     for i, s in enumerate(wanted):
         m = model if i == len(wanted) - 1 else copy.deepcopy(model)
-        out[s] = gpt_chunk(m, *bounds[s], first=s == 0, last=s == n_chunks - 1)
+        out[s] = stage_chunk(m, *bounds[s], first=s == 0, last=s == n_chunks - 1)
     return out
+
+
+def tied_group(dims):
+    """The process group joining this rank's first and last pipeline stage (same dp and tp
+    coordinates), or None on a middle stage.  Collective: every rank creates every pair's group."""
+    if dims.pp == 2:
+        return dims.pp_group
+    mine = None
+    for d in range(dims.dp):
+        for t in range(dims.tp):
+            base = d * dims.pp * dims.tp + t
+            pair = [base, base + (dims.pp - 1) * dims.tp]
+            group = dist.new_group(pair)
+            if dims.rank in pair:
+                mine = group
+    return mine
 
 
 class PipelineRunner:
@@ -100,12 +144,19 @@ class PipelineRunner:
     activation checkpointing, ...).
     """
 
-    calls_user_loss = False  # paratrain's GPT: the last stage computes the token loss itself
+    calls_user_loss = False  # paratrain's decoder LMs: the last stage computes the token loss itself
+    tied_weight: torch.Tensor | None = None  # this rank's copy of an embedding shared by first and last stage
+    tied_group = None
 
     def __init__(self, model: nn.Module, dims, schedule: str, microbatches: int, virtual: int,
                  transform: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
         wanted = self._layout(dims, schedule, microbatches, virtual)
+        tied = is_tied(model)
         self.chunks = {s: transform(c) for s, c in split_model(model, self.n_stages, wanted).items()}
+        self.tied_group = tied_group(dims) if tied else None
+        ends = [c for s, c in self.chunks.items() if s in (0, self.n_stages - 1)]
+        # this rank's copy of the shared embedding (None: untied, or a middle stage)
+        self.tied_weight = ends[0].tok_emb.weight if tied and ends else None
         self.stages = [PipelineStage(c, s, self.n_stages, dims.device, group=self.group)
                        for s, c in self.chunks.items()]
         self.has_first = 0 in self.chunks
@@ -200,6 +251,27 @@ class PipelineRunner:
 
     def _width(self) -> int:
         return next(iter(self.chunks.values())).cfg.d_model
+
+    def sync_tied_grads(self) -> None:
+        """Sum the shared embedding's gradient between the first and last stage (once per step,
+        after the last microbatch): both copies then hold the single-device gradient."""
+        if self.tied_weight is None:
+            return
+        w = self.tied_weight
+        g = w.grad
+        if isinstance(g, DTensor):
+            # tp: both copies are Shard(0) over the vocabulary, but a vocab-parallel embedding's
+            # gradient may come back replicated; take this rank's rows so the pair's match
+            if g.placements != w.placements:
+                w.grad = g = g.redistribute(g.device_mesh, w.placements)
+            g = g.to_local()
+        dist.all_reduce(g, group=self.tied_group)
+
+    def norm_params(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``params`` without the last stage's copy of a shared embedding (counted once, on the first)."""
+        if self.tied_weight is None or 0 in self.chunks:
+            return params
+        return [p for p in params if p is not self.tied_weight]
 
     def bubble(self) -> tuple[float, float]:
         """(measured idle/busy on this rank, theory (pp - 1) / (m * v))."""

@@ -180,7 +180,7 @@ def _layer_counts(model: ModelSpec, pp: int) -> list[int]:
 def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> Estimate:
     """Predict memory per rank and time per optimizer step of ``lay``."""
     notes: list[str] = []
-    B, s, h, a = setup.global_batch, model.seq, model.d_model, model.n_head
+    B, s, h = setup.global_batch, model.seq, model.d_model
     b, t, p, d = lay.microbatch, lay.tp, lay.pp, lay.dp
     m = max(1, B // (d * b))
     e = setup.elem_bytes
@@ -191,8 +191,7 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
     # ---- memory -------------------------------------------------------------------------------
     k = mem.optimizer_state_bytes(setup.optimizer, setup.precision)
     per_stage_params = [x / t for x in stage_params(model, p)]
-    act_layer = mem.activation_bytes_per_layer(s, b, h, a, t, sp, lay.recompute, e, model.dropout,
-                                               setup.flash, model.ff / h)
+    act_layer = model.activation_bytes_per_layer(s, b, t, sp, lay.recompute, e, setup.flash)
     out_act = mem.embedding_activation_bytes(s, b, h, model.vocab, t if setup.loss_parallel else 1, e)
     counts = _layer_counts(model, p)
     memory_per_stage: list[float] = []
@@ -205,8 +204,7 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
         acts = inflight * counts[i] * act_layer
         # backward working set: the gradients of one layer's activations (same size as them),
         # plus, under full recompute, that layer's recomputed activations
-        full_layer = mem.activation_bytes_per_layer(s, b, h, a, t, sp, "none", e, model.dropout, setup.flash,
-                                                    model.ff / h)
+        full_layer = model.activation_bytes_per_layer(s, b, t, sp, "none", e, setup.flash)
         acts += full_layer * (2 if lay.recompute == "full" else 1)
         head = out_act if i == p - 1 else 0.0
         temp = 0.0
@@ -318,8 +316,7 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
     # fresh mmap that page-faults on first touch
     alloc = 0.0
     if hw.alloc_bw and lay.zero > 0:
-        full_acts = max(counts) * mem.activation_bytes_per_layer(s, b, h, a, t, sp, "none", e, model.dropout,
-                                                                 setup.flash, model.ff / h)
+        full_acts = max(counts) * model.activation_bytes_per_layer(s, b, t, sp, "none", e, setup.flash)
         per_mb = 2 * (full_acts + out_act) + (2 * psi * e if lay.zero == 3 else 0.0)
         alloc = (m * per_mb + psi * e) / hw.alloc_bw
 

@@ -16,6 +16,11 @@ length, ``V`` vocabulary, ``B`` sequences per iteration (global batch).
   the layer FLOPs.  Selective recomputation (Korthikanti et al., eq. 8) re-runs only the
   attention-score products, adding their forward cost ``4 B s^2 h`` per layer.
 
+* Llama (Touvron et al. 2023): per layer the attention has ``2 h^2 + 2 h h_kv`` weights
+  (``h_kv = n_kv_head * h / a``: grouped-query attention's smaller k/v projections, Ainslie et
+  al. 2023) and the SwiGLU FFN three ``h x d_ff`` matrices; two RMSNorm vectors, no biases, no
+  position table (rotary positions have no parameters).
+
 * MFU (PaLM, Chowdhery et al. 2022, App. B) counts model FLOPs only; HFU counts what the
   hardware executed, recomputation included.
 
@@ -33,11 +38,12 @@ BYTE_VOCAB = 261  # vocab_size = 0 in a paratrain config means the byte tokenize
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A Transformer as the planner sees it (one of paratrain's ``gpt | seq2seq | bert``).
+    """A Transformer as the planner sees it (one of paratrain's ``gpt | llama | seq2seq | bert``).
 
     ``seq`` is the training sequence length; ``max_seq`` sizes learned position tables
     (defaults to ``seq``).  For ``seq2seq`` ``n_layer`` counts encoder layers and
     ``n_dec_layer`` decoder layers (0: same as the encoder); source and target are ``seq``.
+    ``n_kv_head`` (llama) is the number of key/value heads (0: ``n_head``).
     """
 
     name: str
@@ -52,6 +58,7 @@ class ModelSpec:
     n_dec_layer: int = 0
     tied: bool = True
     dropout: bool = True  # dropout masks are part of the activations (paper assumption)
+    n_kv_head: int = 0  # llama: grouped-query key/value heads; 0 = n_head
 
     @property
     def ff(self) -> int:
@@ -66,6 +73,20 @@ class ModelSpec:
         return (self.n_dec_layer or self.n_layer) if self.arch == "seq2seq" else 0
 
     @property
+    def llama(self) -> bool:
+        return self.arch == "llama"
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (what tensor parallel must divide)."""
+        return (self.n_kv_head or self.n_head) if self.llama else self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the k and v projections: ``kv_heads * d_model / n_head``."""
+        return self.kv_heads * (self.d_model // self.n_head)
+
+    @property
     def total_layers(self) -> int:
         """Layers a pipeline splits (encoder + decoder for seq2seq)."""
         return self.n_layer + self.n_dec
@@ -75,8 +96,11 @@ class ModelSpec:
 
     # ---- parameters -------------------------------------------------------------------------
     def layer_params(self, decoder: bool = False) -> int:
-        """Parameters of one block as paratrain builds it (linears with biases, 2-3 LayerNorms)."""
+        """Parameters of one block as paratrain builds it (linears with biases, 2-3 LayerNorms;
+        llama: bias-free q/k/v/o and SwiGLU, 2 RMSNorms)."""
         h, f = self.d_model, self.ff
+        if self.llama:
+            return 2 * h * h + 2 * h * self.kv_dim + 3 * h * f + 2 * h
         attn = 4 * h * h + 4 * h
         mlp = 2 * h * f + f + h
         n = attn + mlp + 4 * h
@@ -87,12 +111,12 @@ class ModelSpec:
     def embedding_params(self) -> int:
         """Token table (+ learned positions for gpt/bert; seq2seq uses fixed sinusoids)."""
         h = self.d_model
-        return self.vocab * h + (self.pos * h if self.arch in ("gpt", "bert") else 0)
+        return self.vocab * h + (self.pos * h if self.arch in ("gpt", "bert") else 0)  # llama: rotary
 
     def head_params(self) -> int:
-        """Final LayerNorm(s), untied LM head, and BERT's MLM transform."""
+        """Final LayerNorm(s) (llama: one RMSNorm), untied LM head, and BERT's MLM transform."""
         h = self.d_model
-        n = 2 * h * (2 if self.arch == "seq2seq" else 1)
+        n = h if self.llama else 2 * h * (2 if self.arch == "seq2seq" else 1)
         if not self.tied:
             n += self.vocab * h
         if self.arch == "bert":
@@ -102,6 +126,8 @@ class ModelSpec:
     def param_tensors(self, decoder: bool = False, tp_only: bool = False) -> int:
         """Parameter tensors of one block (weights and biases; LayerNorms unless ``tp_only``,
         which counts only the linears tensor parallelism shards)."""
+        if self.llama:  # seven bias-free linears, two RMSNorm weights
+            return 7 + (0 if tp_only else 2)
         linears = 8 + (8 if decoder else 0) + 4  # attention(s) q/k/v/out and fc1/fc2, weight + bias
         norms = 4 + (2 if decoder else 0)
         return linears + (0 if tp_only else norms)
@@ -110,6 +136,8 @@ class ModelSpec:
         """(rows, cols) of every weight matrix, tied ones once (what PowerSGD factors)."""
         h, f = self.d_model, self.ff
         layer = [(h, h)] * 4 + [(f, h), (h, f)]
+        if self.llama:
+            layer = [(h, h), (self.kv_dim, h), (self.kv_dim, h), (h, h), (f, h), (f, h), (h, f)]
         out = layer * self.n_layer + (layer + [(h, h)] * 4) * self.n_dec + [(self.vocab, h)]
         if self.arch in ("gpt", "bert"):
             out.append((self.pos, h))
@@ -129,7 +157,7 @@ class ModelSpec:
     def matmul_params(self) -> int:
         """Weights that take part in matrix multiplies (per token, forward = 2x this)."""
         h, f = self.d_model, self.ff
-        per = 4 * h * h + 2 * h * f
+        per = 2 * h * h + 2 * h * self.kv_dim + 3 * h * f if self.llama else 4 * h * h + 2 * h * f
         n = self.n_layer * per + self.n_dec * (per + 4 * h * h) + self.vocab * h
         if self.arch == "bert":
             n += h * h
@@ -138,6 +166,16 @@ class ModelSpec:
     def attn_layers(self) -> int:
         """Score/value products a (target) token takes part in: decoder layers pay twice."""
         return self.n_layer + 2 * self.n_dec
+
+    def activation_bytes_per_layer(self, s: int, b: int, t: int = 1, sp: bool = False, recompute: str = "none",
+                                   elem_bytes: int = 2, flash: bool = False) -> float:
+        """:func:`paratrain.planner.memory.activation_bytes_per_layer` for this model's layers
+        (its d_ff, and for llama the k/v width of grouped-query attention and SwiGLU's tensors)."""
+        from paratrain.planner.memory import activation_bytes_per_layer
+
+        h = self.d_model
+        return activation_bytes_per_layer(s, b, h, self.n_head, t, sp, recompute, elem_bytes, self.dropout, flash,
+                                          self.ff / h, kv_ratio=self.kv_heads / self.n_head, gated=self.llama)
 
     def flops_per_token(self, recompute: str = "none") -> float:
         """Training FLOPs per token: ``6 N_matmul + 12 h s n_attn`` (PaLM) plus recomputation."""
@@ -155,7 +193,8 @@ class ModelSpec:
 
 def model_flops_per_token(arch: str, n_layer: int, d_model: int, d_ff: int, vocab_size: int, seq_len: int,
                           n_dec_layer: int = 0, recompute: str = "none") -> float:
-    """Training FLOPs per (target) token of a paratrain model (``gpt | seq2seq | bert``).
+    """Training FLOPs per (target) token of a paratrain model (``gpt | seq2seq | bert``; llama's
+    grouped-query k/v need :func:`spec_from_config`, here ``n_kv_head = n_head``).
 
     Model FLOPs (for MFU) with ``recompute = "none"``; hardware FLOPs (for HFU) otherwise.
     ``vocab_size = 0`` means the byte tokenizer (261).  This is what the trainer should
@@ -171,7 +210,7 @@ def spec_from_config(cfg: Any, name: str = "config") -> ModelSpec:
     m, d = cfg.model, cfg.data
     return ModelSpec(name, m.arch, m.n_layer, m.d_model, m.n_head, m.vocab_size or BYTE_VOCAB, d.seq_len,
                      d_ff=m.d_ff, max_seq=m.max_seq_len, n_dec_layer=m.n_dec_layer,
-                     tied=m.tie_embeddings, dropout=m.dropout > 0)
+                     tied=m.tie_embeddings, dropout=m.dropout > 0, n_kv_head=m.n_kv_head)
 
 
 # ---- the papers' closed forms ---------------------------------------------------------------------
@@ -245,4 +284,10 @@ PRESETS: dict[str, tuple[ModelSpec, int]] = {
     "bert-large": (ModelSpec("bert-large", "bert", 24, 1024, 16, 30522, 512), 256),
     "t5-small": (ModelSpec("t5-small", "seq2seq", 6, 512, 8, 32128, 512, d_ff=2048), 128),
     "t5-base": (ModelSpec("t5-base", "seq2seq", 12, 768, 12, 32128, 512, d_ff=3072), 128),
+    "llama2-7b": (ModelSpec("llama2-7b", "llama", 32, 4096, 32, 32000, 4096, d_ff=11008, tied=False,
+                            dropout=False), 1024),
+    "llama3-8b": (ModelSpec("llama3-8b", "llama", 32, 4096, 32, 128256, 8192, d_ff=14336, tied=False,
+                            dropout=False, n_kv_head=8), 512),
+    "llama3-70b": (ModelSpec("llama3-70b", "llama", 80, 8192, 64, 128256, 8192, d_ff=28672, tied=False,
+                             dropout=False, n_kv_head=8), 512),
 }

@@ -54,7 +54,8 @@ def zero_model_states(psi: float, n: int, stage: int, k: int = 12, param_bytes: 
 
 def activation_bytes_per_layer(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
                                recompute: str = "none", elem_bytes: int = 2, dropout: bool = True,
-                               flash: bool = False, ffn_mult: float = 4.0) -> float:
+                               flash: bool = False, ffn_mult: float = 4.0, kv_ratio: float = 1.0,
+                               gated: bool = False) -> float:
     """Activation bytes one Transformer layer keeps for its backward pass.
 
     The tensors (in units of ``s b h`` elements of ``elem_bytes`` each, ``f = ffn_mult``):
@@ -65,6 +66,12 @@ def activation_bytes_per_layer(s: int, b: int, h: int, a: int, t: int = 1, sp: b
     V, the output-projection input, the GeLU and fc2 inputs and the scores over ``t``;
     sequence parallelism splits the rest too.  With the paper's defaults (2 bytes,
     dropout, f = 4, unfused attention) this reproduces its five formulas exactly.
+
+    Llama-style layers: grouped-query attention keeps K and V at ``kv_ratio = n_kv_head /
+    n_head`` of their size, and a ``gated`` (SwiGLU) FFN keeps 4 f instead of GeLU's 2 f, as
+    eager PyTorch saves them: the gate and up outputs, silu(gate), and their product (the
+    down projection's input).  RMSNorm keeps its input like LayerNorm; rotary embeddings keep
+    nothing beyond the rotated Q and K that attention keeps anyway.
     """
     sbh = float(s) * b * h
     e = float(elem_bytes)
@@ -72,7 +79,8 @@ def activation_bytes_per_layer(s: int, b: int, h: int, a: int, t: int = 1, sp: b
     if recompute == "full":
         return e * sbh / (t if sp else 1)
     replicated = e * (2 + 1 + 1) + 2 * mask  # LN inputs, QKV input, MLP input, 2 dropout masks
-    split = e * (3 + 1 + 2 * ffn_mult)  # Q K V, out-proj input, GeLU input, fc2 input
+    ffn = (4 if gated else 2) * ffn_mult  # GeLU input + fc2 input; or gate, up, silu(gate), product
+    split = e * (1 + 2 * kv_ratio + 1 + ffn)  # Q K V, out-proj input, the FFN's hidden tensors
     if flash:
         split += e  # a fused kernel keeps its output for backward
         scores = 0.0

@@ -73,7 +73,7 @@ def layouts(model: ModelSpec, n: int, setup: Setup, hw: HardwareSpec,
     ok = lambda key, val: key not in fx or fx[key] == val  # noqa: E731
     recomputes = ["none", "full"] if setup.flash else ["none", "selective", "full"]
     for tp in divisors(n):
-        if not ok("tp", tp) or ("tp" not in fx and (tp > hw.devices_per_node or model.n_head % tp)):
+        if not ok("tp", tp) or ("tp" not in fx and (tp > hw.devices_per_node or model.kv_heads % tp)):
             continue
         for pp in divisors(n // tp):
             if not ok("pp", pp) or pp > model.total_layers:

@@ -29,7 +29,7 @@ from typing import Any
 
 from paratrain import checkpoint as ckpt
 from paratrain.config import Config, ConfigError
-from paratrain.data import cached_corpus
+from paratrain.data import corpus_for
 from paratrain.doctor import multi_host_warning
 from paratrain.parallel.sharding import MALLOC_ENV
 from paratrain.ps.launch import local_servers, run_torchrun_role
@@ -55,10 +55,8 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 def prepare_data(cfg: Config) -> None:
     """Build the token cache once, before any worker starts (workers then only memmap it)."""
-
-    src = cfg.data.source
-    if src == "stdlib" or src.startswith("text:"):
-        cached_corpus(src, cfg.data.tokenizer)
+    if not cfg.data.source.startswith(("synthetic:", "shards:")):
+        corpus_for(cfg.data)
 
 
 def check_resume(cfg: Config) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 from paratrain.config import Config, ConfigError
 from paratrain.data import build_data, val_batches
 from paratrain.data.user_data import IterableBatches, UserData, train_source, user_val_batches
+from paratrain.hf import init_from as hf_init_from
 from paratrain.models import build_model
 from paratrain.parallel.meta_init import build_on_meta
 from paratrain.parallel.tensor_parallel import model_plan
@@ -171,7 +172,7 @@ def _factory(cfg: Config, spec: RunSpec, model: Any) -> Callable[[], nn.Module]:
             if cfg.parallel.meta_init:  # parameters on the meta device; each rank fills its shards
 
                 return build_on_meta(lambda: build_model(cfg.model, vocab, spec.data.pad_id))
-            return build_model(cfg.model, vocab, spec.data.pad_id)
+            return hf_init_from(build_model(cfg.model, vocab, spec.data.pad_id), cfg.model)  # model.init_from
 
         return build_own
     if cfg.parallel.meta_init:

@@ -29,7 +29,7 @@ from paratrain.config import Config, ConfigError
 from paratrain.data.user_data import (
     count_items,
 )
-from paratrain.models import BERT, GPT, Seq2Seq
+from paratrain.models import BERT, GPT, Llama, Seq2Seq
 from paratrain.models.loss import IGNORE, eval_stats, token_loss_sum
 from paratrain.parallel.meta_init import has_meta
 from paratrain.parallel.pipeline_foreign import n_stages
@@ -250,7 +250,7 @@ class LogitsLoss:
 def own_models() -> tuple[type[nn.Module], ...]:
     """paratrain's own architectures (which carry their own TP/PP plans and block lists)."""
 
-    return GPT, Seq2Seq, BERT
+    return GPT, Llama, Seq2Seq, BERT
 
 
 def is_own_model(model: nn.Module) -> bool:
