@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
+from paratrain import checkpoint as ckpt
 from paratrain import cli
 from paratrain.config import Config, ConfigError
 from paratrain.data.prepare import prepare
 from paratrain.data.shards import TokenStream
-from paratrain.training import checkpoint as ckpt
 from paratrain.training import rundir
 from tests.conftest import TINY_MODEL
 

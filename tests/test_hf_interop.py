@@ -12,13 +12,13 @@ import torch.nn.functional as F
 import transformers
 
 import paratrain
+from paratrain import checkpoint as ckpt
 from paratrain import cli
 from paratrain.config import Config, ConfigError
 from paratrain.convert.import_hf import import_hf
 from paratrain.data import build_data
 from paratrain.hf import load_hf_weights
 from paratrain.models import build_model
-from paratrain.training import checkpoint as ckpt
 from tests.conftest import tiny_config
 from tests.test_data_formats import hf_tokenizer_file
 

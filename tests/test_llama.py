@@ -8,11 +8,11 @@ import dataclasses
 
 import pytest
 import torch
-from paratrain.training.loss import token_loss_sum
 
 from paratrain.cli import main
 from paratrain.config import Config, ModelConfig
 from paratrain.models import Llama, build_model, count_params, flops_per_token
+from paratrain.models.loss import token_loss_sum
 from paratrain.parallel.memory_policy import apply_activation_checkpointing
 from paratrain.parallel.pipeline import split_model
 from paratrain.planner import flops
