@@ -198,8 +198,6 @@ def coerce(where: str, value: Any, typ: Any) -> Any:
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
-        if math.isnan(value):
-            raise ConfigError(f"{where} must be a number, got nan")
         return float(value)
     if typ is str:
         if not isinstance(value, str):

@@ -108,7 +108,7 @@ def test_reference_reads_comments_ranges_and_choices():
     assert len(keys) == sum(len(Config().to_dict()[s]) for s in Config().to_dict())
     lr = keys[("train", "lr")]
     assert (lr.type, lr.default, lr.allowed) == ("float", 3e-3, "0.0 .. 10.0") and "learning rate" in lr.meaning
-    assert keys[("model", "arch")].allowed == '"gpt" | "seq2seq" | "bert"'
+    assert keys[("model", "arch")].allowed == '"gpt" | "llama" | "seq2seq" | "bert"'
     assert keys[("parallel", "nproc")].allowed == "1 .. 1024" and keys[("model", "n_layer")].allowed == ">= 1"
     assert keys[("run", "dir")].allowed == "" and keys[("train", "deterministic")].type == "bool"
 
@@ -127,5 +127,5 @@ def test_overrides_take_the_value_as_the_next_argument():
 
 
 def test_nan_is_refused():
-    with pytest.raises(ConfigError, match="must be a number, got nan"):
+    with pytest.raises(ConfigError, match="train.lr = nan is not a finite number"):
         Config.load(None, ["--train.lr=nan"])

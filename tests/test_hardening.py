@@ -296,7 +296,10 @@ def _poke(shards: Path, value: int, fix_sha: bool) -> None:
     """Write token ``value`` into the middle of the first shard (and update its sha256 if asked)."""
     f = shards / "shard_00000.bin"
     tokens = np.fromfile(f, dtype="<u2")
-    tokens[len(tokens) // 2] = value
+    i = len(tokens) // 2
+    while tokens[i] == value:  # the file must change
+        i += 1
+    tokens[i] = value
     tokens.tofile(f)
     if fix_sha:
         meta = json.loads((shards / "meta.json").read_text())
