@@ -16,6 +16,7 @@ bytes per token and val loss per byte (nats).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -42,9 +43,24 @@ def bytes_per_token(cfg: Config) -> float:
     return nbytes / tokens
 
 
+@contextlib.contextmanager
+def progress_to_stderr():
+    """Training progress (the launcher's and its workers') goes to stderr: stdout is the JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def train(config: str, out: Path, name: str, *extra: str) -> dict:
     cfg = Config.load(ROOT / "configs" / config, [f'--run.dir="{out / name}"', "--checkpoint.keep=0", *extra])
-    summary = launch(cfg)
+    with progress_to_stderr():
+        summary = launch(cfg)
     if summary.get("status") != "ok":
         raise SystemExit(f"{name} failed: {summary}")
     train_s = summary["step_time_ms_median"] * summary["steps"] / 1000.0
