@@ -7,7 +7,10 @@ configured steps; Llama runs a short calibration to measure its step time, then 
 many steps as fit in GPT's training time (the sum of its step times), with its LR schedule
 stretched to that count.
 
-    python benchmarks/llama_vs_gpt.py [--out runs/bench-llama] [--calib-steps 20]
+    python benchmarks/llama_vs_gpt.py [--out runs/bench-llama] [--calib-steps 20] [--llama-set KEY=VALUE ...]
+
+``--llama-set data.tokenizer=byte`` (any ``section.key=value``) changes the Llama runs only,
+e.g. to separate the architecture's share of the gain from the tokenizer's.
 
 Prints one JSON object with both runs' steps, training and wall seconds, val loss per token,
 bytes per token and val loss per byte (nats).
@@ -71,17 +74,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench-llama")
     ap.add_argument("--calib-steps", type=int, default=20)
+    ap.add_argument("--llama-set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args()
     out = Path(args.out)
-    for config in ("gpt-tiny.toml", "llama-tiny.toml"):
-        d = Config.load(ROOT / "configs" / config).data
+    extra = [f"--{kv}" for kv in args.llama_set]
+    for config, over in (("gpt-tiny.toml", []), ("llama-tiny.toml", extra)):
+        d = Config.load(ROOT / "configs" / config, over).data
         cached_corpus(d.source, d.tokenizer)
     gpt = train("gpt-tiny.toml", out, "gpt")
-    calib = train("llama-tiny.toml", out, "llama-calib", f"--train.steps={args.calib_steps}", "--train.eval_every=0",
-                  "--train.eval_batches=1")
+    calib = train("llama-tiny.toml", out, "llama-calib", *extra, f"--train.steps={args.calib_steps}",
+                  "--train.eval_every=0", "--train.eval_batches=1")
     step_s = calib["summary"]["step_time_ms_median"] / 1000.0
     steps = max(1, round(gpt["train_s"] / step_s))
-    llama = train("llama-tiny.toml", out, "llama", f"--train.steps={steps}")
+    llama = train("llama-tiny.toml", out, "llama", *extra, f"--train.steps={steps}")
     rows = {}
     for name, r in (("gpt", gpt), ("llama", llama)):
         s, bpt = r["summary"], bytes_per_token(r["cfg"])
