@@ -178,7 +178,8 @@ def runs(tmp_path_factory, corpus):
             extra = (*extra, f'--checkpoint.path="{root / from_ckpt / "checkpoints" / "step_5"}"')
         return tiny_config(root / name, corpus, *base, *extra)
 
-    for name, base in [("single", LLAMA), ("single_untied", LLAMA_UNTIED), ("gpt_single", GPT_TIED)]:
+    for name, base in [("single", LLAMA), ("single_untied", LLAMA_UNTIED), ("gpt_single", GPT_TIED),
+                       ("single4", [*LLAMA, "--model.n_layer=4"])]:
         assert launch(cfg(name, base, "--parallel.nproc=1"))["status"] == "ok"
     dp2 = ["--parallel.nproc=2", "--data.batch_size=4"]
     pp2 = ["--parallel.nproc=2", "--parallel.pp=2", "--parallel.microbatches=4"]
@@ -198,6 +199,7 @@ def runs(tmp_path_factory, corpus):
         cfg("dp2_tp2", LLAMA, "--parallel.nproc=4", "--parallel.tp=2", "--data.batch_size=4"),
         cfg("tp2_pp2", LLAMA, "--parallel.nproc=4", "--parallel.tp=2", "--parallel.pp=2",
             "--parallel.microbatches=4"),
+        cfg("pp4", LLAMA, "--model.n_layer=4", "--parallel.nproc=4", "--parallel.pp=4", "--parallel.microbatches=4"),
     ])
     return root
 
@@ -214,8 +216,9 @@ def test_untied_pipeline_and_strategy_names(runs):
         assert summary(runs / run)["strategy"] == name
 
 
-def test_gpt_tied_embeddings_across_pipeline_stages(runs):
+def test_tied_embeddings_across_pipeline_stages(runs):
     assert_parity(runs / "gpt_single", runs / "gpt_pp2")
+    assert_parity(runs / "single4", runs / "pp4")  # first and last stage in a group of their own
 
 
 def test_tied_pipeline_checkpoint_resumes_in_one_process(runs):

@@ -35,7 +35,7 @@ def ids(*shape: int, low: int = 1) -> torch.Tensor:
 # ---- shapes, parameters, init ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["gpt", "seq2seq", "bert"])
+@pytest.mark.parametrize("arch", ["gpt", "llama", "seq2seq", "bert"])
 def test_shapes_and_layer_modules(arch):
     model = make(arch)
     x = ids(3, 7)
@@ -73,7 +73,7 @@ def test_init_deterministic_and_scaled():
     assert big.layers["0"].attn.q_proj.bias.abs().sum() == 0
 
 
-@pytest.mark.parametrize("arch", ["gpt", "seq2seq", "bert"])
+@pytest.mark.parametrize("arch", ["gpt", "llama", "seq2seq", "bert"])
 def test_meta_device_init(arch):
     ref = make(arch)
     torch.manual_seed(0)
