@@ -68,7 +68,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     loss_scale: float = 65536.0  # fp16: initial dynamic loss scale
     loss_scale_growth_interval: int = 2000  # fp16: overflow-free steps before the scale doubles
-    activation_checkpointing: str = "none"  # none | full | selective
+    activation_checkpointing: str = "none"  # none | full | selective | selective_op
+    compile: bool = False  # torch.compile each Transformer block and the loss (regional compilation)
+    float8: str = "none"  # none | tensorwise | rowwise: float8 matmuls via torchao (CUDA, sm >= 8.9)
+    optim_state_dtype: str = "fp32"  # fp32 | bf16: dtype of AdamW's moments
     eval_every: int = 100  # 0 = never (a final eval still runs)
     eval_batches: int = 8
     log_every: int = 10
@@ -166,7 +169,9 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("data", "tokenizer"): ("byte", "bpe"),
     ("train", "optimizer"): ("adamw", "sgd", "onebit_adam"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
-    ("train", "activation_checkpointing"): ("none", "full", "selective"),
+    ("train", "activation_checkpointing"): ("none", "full", "selective", "selective_op"),
+    ("train", "float8"): ("none", "tensorwise", "rowwise"),
+    ("train", "optim_state_dtype"): ("fp32", "bf16"),
     ("parallel", "sync"): ("allreduce", "ps"),
     ("parallel", "pp_schedule"): ("gpipe", "1f1b", "interleaved"),
     ("parallel", "backend"): ("auto", "gloo", "nccl"),

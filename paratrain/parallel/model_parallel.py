@@ -5,6 +5,8 @@ Order of application in :meth:`ModelParallelStrategy.wrap` (fixed):
 1. pipeline split (``pp > 1``): this rank keeps its chunk(s) of the layer stack;
 2. tensor parallel (``tp > 1``) on every chunk, over the mesh's ``tp`` axis;
 3. activation checkpointing (``train.activation_checkpointing``) per block;
+3b. float8 linears (``train.float8``) and regional ``torch.compile`` (``train.compile``)
+   per block (:mod:`paratrain.parallel.float8`, :mod:`paratrain.parallel.compile`);
 4. the data-parallel axis: FSDP2 (ZeRO 2/3, and the dp axis of dp x tp), or - with a
    pipeline - a bucketed gradient all-reduce after the last microbatch.
 
@@ -27,7 +29,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from paratrain.config import Config, ConfigError
+from paratrain.parallel.compile import apply_compile
 from paratrain.parallel.dims import ParallelDims
+from paratrain.parallel.float8 import apply_float8
 from paratrain.parallel.memory_policy import apply_activation_checkpointing
 from paratrain.parallel.strategy import Strategy
 
@@ -147,6 +151,8 @@ class ModelParallelStrategy(Strategy):
 
             apply_tensor_parallel(model, d.axis_mesh("tp"), loss_parallel=self.loss_parallel)
         apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
+        apply_float8(model, self.cfg, d.device, fsdp=d.dp > 1)
+        apply_compile(model, self.cfg, d.rank)
         return model
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -178,7 +184,7 @@ class ModelParallelStrategy(Strategy):
         if d.dp > 1:
             from paratrain.parallel.sharding import apply_fsdp
 
-            apply_fsdp(model, model.layer_modules(), d.axis_mesh("dp"), p.zero, p.cpu_offload)
+            apply_fsdp(model, model.layer_modules(), d.axis_mesh("dp"), p.zero, p.cpu_offload, self.cfg.train.precision)
             self.fsdp = True
         if meta:
             materialize(model, d.device, self.cfg.run.seed)

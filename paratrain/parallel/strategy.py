@@ -17,8 +17,11 @@ import torch
 from torch import nn
 
 from paratrain.config import Config
+from paratrain.parallel.compile import apply_compile
 from paratrain.parallel.dims import ParallelDims
+from paratrain.parallel.float8 import apply_float8
 from paratrain.parallel.memory_policy import LossScaler, apply_activation_checkpointing
+from paratrain.parallel.optim import make_optimizer
 
 
 class Strategy:
@@ -43,6 +46,8 @@ class Strategy:
         """Layout-independent memory policies, applied before :meth:`wrap` (activation
         checkpointing); strategies that must apply them after tensor parallel override this."""
         apply_activation_checkpointing(model, self.cfg.train.activation_checkpointing)
+        apply_float8(model, self.cfg, self.dims.device)
+        apply_compile(model, self.cfg, self.dims.rank)
         return model
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -173,24 +178,3 @@ def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
-
-
-def make_optimizer(model: nn.Module, cfg: Config, group: Any = None) -> torch.optim.Optimizer:
-    """AdamW (decay on matrices only, as GPT-2 does), SGD with momentum, or 1-bit Adam (AdamW's
-    groups; it exchanges its compressed momentum over ``group`` itself)."""
-    t = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if t.optimizer == "onebit_adam":
-        from paratrain.grad_compression.onebit_adam import OneBitAdam
-
-        return OneBitAdam(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, clip=t.grad_clip, group=group)
-    # On GPUs the fused kernel (one launch for all tensors); on CPU the per-tensor loop, whose
-    # rounding the single-process parity tests are written against.
-    on_gpu = bool(params) and all(p.device.type == "cuda" for p in params)
-    kind = {"fused": True} if on_gpu else {"foreach": False}
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, **kind)

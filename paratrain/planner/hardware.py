@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from paratrain.mfu import GPU_PEAKS, measure_cpu_peak
+
 GiB = float(1 << 30)
 
 
@@ -57,29 +59,30 @@ class HardwareSpec:
     tp2_layer_factor: float = 0.0
     fsdp2_layer_factor: float = 0.0
     measured: dict[str, Any] = field(default_factory=dict)
+    peak_flops_fp8: float = 0.0  # per device, dense fp8 (0: no fp8 tensor cores)
 
     def peak(self, precision: str) -> float:
-        """Peak FLOP/s for ``fp32`` or a 16-bit precision."""
+        """Peak FLOP/s for ``fp32``, ``fp8`` (16-bit where the device has no fp8) or a 16-bit precision."""
+        if precision == "fp8":
+            return self.peak_flops_fp8 or self.peak_flops
         return self.peak_flops_fp32 if precision == "fp32" else self.peak_flops
 
     def with_(self, **kw: Any) -> HardwareSpec:
         return dataclasses.replace(self, **kw)
 
 
-def _gpu(name: str, bf16: float, tf32: float, mem: float, bw: float, nvlink: float, ib: float,
-         eff: float) -> HardwareSpec:
-    return HardwareSpec(name, bf16, tf32, mem, bw, nvlink, ib, intra_latency=10e-6, inter_latency=20e-6,
-                        devices_per_node=8, efficiency=eff, reserved_bytes=2 * GiB)
+def _gpu(name: str, chip: str, mem: float, bw: float, nvlink: float, ib: float, eff: float) -> HardwareSpec:
+    """A GPU spec; its peaks (dense bf16, TF32, fp8) come from :data:`paratrain.mfu.GPU_PEAKS`."""
+    pk = GPU_PEAKS[chip]
+    return HardwareSpec(name, pk["bf16"], pk["fp32"], mem, bw, nvlink, ib, intra_latency=10e-6, inter_latency=20e-6,
+                        devices_per_node=8, efficiency=eff, reserved_bytes=2 * GiB, peak_flops_fp8=pk["fp8"])
 
 
-GPU_SPECS: dict[str, HardwareSpec] = {
-    # A100 SXM: 312 TFLOP/s bf16, 156 TF32; NVLink3 600 GB/s both ways; HDR IB 200 Gb/s per GPU
-    "a100-40gb": _gpu("a100-40gb", 312e12, 156e12, 40 * GiB, 1.555e12, 300e9, 25e9, 0.60),
-    "a100-80gb": _gpu("a100-80gb", 312e12, 156e12, 80 * GiB, 2.039e12, 300e9, 25e9, 0.60),
-    # H100 SXM: 989 TFLOP/s bf16 dense, 495 TF32; NVLink4 900 GB/s both ways; NDR IB 400 Gb/s
-    "h100": _gpu("h100", 989e12, 495e12, 80 * GiB, 3.35e12, 450e9, 50e9, 0.55),
-    # H200 SXM: the H100 die with 141 GB HBM3e at 4.8 TB/s
-    "h200": _gpu("h200", 989e12, 495e12, 141e9, 4.8e12, 450e9, 50e9, 0.55),
+GPU_SPECS: dict[str, HardwareSpec] = {  # SXM parts; NVLink per direction, one IB NIC (HDR / NDR) per GPU
+    "a100-40gb": _gpu("a100-40gb", "A100", 40 * GiB, 1.555e12, 300e9, 25e9, 0.60),
+    "a100-80gb": _gpu("a100-80gb", "A100", 80 * GiB, 2.039e12, 300e9, 25e9, 0.60),
+    "h100": _gpu("h100", "H100", 80 * GiB, 3.35e12, 450e9, 50e9, 0.55),
+    "h200": _gpu("h200", "H200", 141e9, 4.8e12, 450e9, 50e9, 0.55),  # the H100 die, 141 GB HBM3e
 }
 GPU_TYPES = (*GPU_SPECS, "cpu")
 
@@ -123,17 +126,9 @@ def _best_time(fn, repeats: int) -> float:
 
 
 def measure_matmul(threads: int, n: int = 512, dtype: str = "float32", repeats: int = 6) -> float:
-    """FLOP/s of an n x n x n matmul with ``threads`` intra-op threads."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        dt = getattr(torch, dtype)
-        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-        return 2.0 * n**3 / _best_time(lambda: a @ b, repeats)
-    finally:
-        torch.set_num_threads(old)
+    """FLOP/s of an n x n x n matmul with ``threads`` intra-op threads (the best of ``repeats``:
+    the planner's calibrated ceiling; MFU uses the median, see :mod:`paratrain.mfu`)."""
+    return measure_cpu_peak("bf16" if dtype == "bfloat16" else "fp32", n, repeats, threads, stat=min)
 
 
 def measure_mem_bw(nbytes: int = 32 << 20, repeats: int = 5) -> float:

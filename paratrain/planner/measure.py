@@ -177,6 +177,12 @@ def calibrate(cfg: Config, spec: ModelSpec, hw: HardwareSpec, threads: int, micr
 # ---- predictions and runs ---------------------------------------------------------------------------
 
 
+def _recompute(ac: str) -> str:
+    """The planner's recompute mode of ``train.activation_checkpointing`` (op-level SAC, which
+    keeps matmul outputs and recomputes element-wise work, is closest to ``selective``)."""
+    return "selective" if ac == "selective_op" else ac
+
+
 def predict(cfg: Config, spec: ModelSpec, hw: HardwareSpec) -> tuple[float, list[float]]:
     """(step time in s, peak bytes per rank) the planner predicts for a resolved config."""
     p = cfg.parallel
@@ -189,7 +195,7 @@ def predict(cfg: Config, spec: ModelSpec, hw: HardwareSpec) -> tuple[float, list
                   tp_allreduces=6)  # separate q/k/v projections: 4 backward all-reduces + 2 forward
     # paratrain's tensor parallel replicates LayerNorms and residuals: no sequence parallelism
     lay = Layout(tp=p.tp, pp=p.pp, dp=dp, zero=p.zero, microbatch=micro,
-                 recompute=cfg.train.activation_checkpointing, sync=p.sync, ps_servers=cfg.ps.servers,
+                 recompute=_recompute(cfg.train.activation_checkpointing), sync=p.sync, ps_servers=cfg.ps.servers,
                  schedule=p.pp_schedule, sp=False,
                  chunks=getattr(p, "virtual_stages", 2) if p.pp_schedule == "interleaved" else 1)
     est = estimate(spec, lay, setup, hw)

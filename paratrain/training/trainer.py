@@ -22,11 +22,13 @@ from paratrain.config import Config, ConfigError
 from paratrain.data import build_data, val_batches
 from paratrain.data.user_data import samples_in, to_device, tokens_in
 from paratrain.fileio import write_json_atomic
+from paratrain.mfu import compute_dtype
 from paratrain.models import build_model, count_params
 from paratrain.parallel import ParallelDims, Strategy, build_strategy
+from paratrain.parallel.compile import compile_loss
 from paratrain.training import checkpoint as ckpt
 from paratrain.training.loss import count_labels, eval_stats, lm_loss_sum
-from paratrain.training.metrics import MetricsLog, Progress, device_peak_flops, peak_rss_mb
+from paratrain.training.metrics import MetricsLog, Progress, mfu_fields, peak_rss_mb, run_peak_flops
 from paratrain.training.monitor import RunMonitor
 from paratrain.training.user_model import UserRun
 
@@ -91,7 +93,7 @@ class Trainer:
         self.model = self.strategy.wrap(self.strategy.prepare(model))
         self.optimizer = self.strategy.build_optimizer(self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg)) if self.optimizer else None
-        self.loss_fn = self.user.loss_fn if self.user else lm_loss_sum
+        self.loss_fn = compile_loss(self.user.loss_fn if self.user else lm_loss_sum, cfg)
         self.count_fn = self.user.count if self.user else count_labels
         self.tokens_per_step = self.samples_per_step = 0
         # labels are never ignored in plain LM data: the global count is known without a collective
@@ -266,7 +268,8 @@ class Trainer:
         progress = Progress(cfg.train.steps, d.is_main)
         if resume_from is not None:
             progress.log(f"resumed from {resume_from} at step {self.step}")
-        peak = device_peak_flops(d.device) if d.is_main else 0.0
+        dtype = compute_dtype(cfg.train.precision, cfg.train.float8)
+        peak = run_peak_flops(d.device, dtype) if d.is_main else 0.0
         productive = ckpt.load_file(resume_from, "meta.json").get("productive_s", 0.0) if resume_from else 0.0
         self.monitor = RunMonitor(cfg, d, productive, self.step, peak, self.flops_per_token)
         step_ms: list[float] = []
@@ -326,14 +329,13 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "samples_per_s": samples_per_s,
             "step_time_ms_median": statistics.median(step_ms) if step_ms else None,
-            "mfu": self.flops_per_token * tokens_per_s / (peak * d.world_size) if peak else None,
+            **mfu_fields(d.device, dtype, peak, self.flops_per_token, tokens_per_s, d.world_size),
             "peak_rss_mb": rss,
             "comm_bytes_per_step": comm_total / comm_steps if comm_steps else 0,
             "world_size": d.world_size,
             "strategy": self.strategy.name,
             "params": self.n_params,
             "flops_per_token": self.flops_per_token,
-            "peak_flops_per_worker": peak,
             "wall_s": time.time() - t0_wall,
         }
         if d.device.type == "cuda":  # what the allocator held at its peak, per rank
