@@ -32,7 +32,7 @@ def single_runs(tmp_path_factory, corpus) -> Path:
     root = tmp_path_factory.mktemp("compile")
     for name, extra in [("eager", []), ("compiled", COMPILE),
                         ("sac_op", ["--train.activation_checkpointing=selective_op"]),
-                        ("bf16_state", ["--train.optim_state_dtype=bf16"])]:
+                        ("bf16_state", ["--train.optim_state_dtype=bf16"]), ("bf16", ["--train.precision=bf16"])]:
         assert launch(tiny_config(root / name, corpus, *GPT, *SINGLE, *extra))["status"] == "ok"
     return root
 
@@ -111,14 +111,35 @@ def test_float8_is_refused_on_cpu(tmp_path, corpus):
     assert REFUSED in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_fsdp_bf16_policy_gathers_bf16_and_reduces_fp32():
+    from paratrain.parallel.sharding import mixed_precision_policy
+
+    mp = mixed_precision_policy("bf16")
+    assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert mixed_precision_policy("fp32").param_dtype is None
+
+
 @pytest.mark.slow
 def test_compiled_parallel_layouts_match_single_process(single_runs, tmp_path_factory, corpus):
-    """DDP(2), ZeRO-3(2) and tp2 compiled, against the eager single-process run."""
+    """DDP(2), ZeRO-3(2) and tp2 compiled, against the eager single-process run; and ZeRO-2
+    in bf16 (FSDP2's mixed-precision policy) against single-process bf16 autocast."""
     root = tmp_path_factory.mktemp("compile_mp")
     dp2 = ["--parallel.nproc=2", "--data.batch_size=4"]
     layouts = {"ddp2": dp2, "zero3": [*dp2, "--parallel.zero=3"], "tp2": ["--parallel.nproc=2", "--parallel.tp=2"]}
     cfgs = [tiny_config(root / name, corpus, *GPT, *extra, *COMPILE) for name, extra in layouts.items()]
+    cfgs.append(tiny_config(root / "zero2_bf16", corpus, *GPT, *dp2, "--parallel.zero=2", "--train.precision=bf16"))
     run_group(2, cfgs, timeout=900)
     for name in layouts:
         assert_parity(single_runs / "eager", root / name)
         assert (root / name / "compile_cache" / "rank1").is_dir()
+    a, b = losses(single_runs / "bf16"), losses(root / "zero2_bf16")
+    assert max(abs(a[s] - b[s]) for s in a) < 2e-2, (a, b)  # bf16 rounding apart, the same training
+
+
+@pytest.mark.slow
+def test_compiled_parameter_server_workers_match_single_process(single_runs, tmp_path, corpus):
+    """Two compiled workers around one sync parameter server (AdamW on the server)."""
+    cfg = tiny_config(tmp_path / "ps", corpus, *GPT, *COMPILE, "--parallel.nproc=2", "--data.batch_size=4",
+                      "--parallel.sync=ps", "--ps.mode=sync")
+    assert launch(cfg)["status"] == "ok"
+    assert_parity(single_runs / "eager", tmp_path / "ps")

@@ -44,10 +44,11 @@ def compile_cache_dir(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / "compile_cache" / f"rank{rank}"
 
 
-def prepare_compiler(cfg: Config, rank: int, device_type: str = "cpu") -> Path:
+def prepare_compiler(cfg: Config, rank: int) -> Path:
     """Set up Inductor for this rank before anything is compiled; return the cache directory."""
-    if device_type == "cpu" and not (shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")):
-        raise ConfigError("train.compile = true on CPU needs a C++ compiler (g++ or clang++) on the PATH; "
+    # Inductor builds C++ kernels on CPU, and Triton builds its launchers with a C compiler on GPU
+    if not (shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")):
+        raise ConfigError("train.compile = true needs a C++ compiler (g++ or clang++) on the PATH; "
                           "install one or set train.compile = false")
     cache = compile_cache_dir(cfg.run_dir, rank)
     cache.mkdir(parents=True, exist_ok=True)
@@ -75,8 +76,7 @@ def apply_compile(model: nn.Module, cfg: Config, rank: int = 0, blocks: list[nn.
     if not blocks:
         raise ConfigError("train.compile = true found no repeated Transformer blocks in the model to compile; "
                           "set parallel.fsdp_block to the blocks' class name, or train.compile = false")
-    device = next((p.device.type for p in model.parameters()), "cpu")
-    prepare_compiler(cfg, rank, "cuda" if device == "cuda" else "cpu")
+    prepare_compiler(cfg, rank)
     n = 0
     for block in blocks:
         if _is_compiled(block):
