@@ -22,7 +22,7 @@ from paratrain.config import Config, ConfigError
 from paratrain.data import build_data, val_batches
 from paratrain.data.user_data import samples_in, to_device, tokens_in
 from paratrain.fileio import write_json_atomic
-from paratrain.mfu import compute_dtype
+from paratrain.mfu import compute_dtype, flops_per_token
 from paratrain.models import build_model, count_params
 from paratrain.parallel import ParallelDims, Strategy, build_strategy
 from paratrain.parallel.compile import compile_loss
@@ -88,7 +88,7 @@ class Trainer:
         else:
             model = build_model(cfg.model, vocab, self.data.pad_id)
         self.n_params = count_params(model)
-        self.flops_per_token = UserRun.flops_per_token(model, cfg.data.seq_len, self.n_params)
+        self.flops_per_token = flops_per_token(model, cfg.data.seq_len, self.n_params)
         self.strategy = strategy or build_strategy(cfg, dims)
         self.model = self.strategy.wrap(self.strategy.prepare(model))
         self.optimizer = self.strategy.build_optimizer(self.model)

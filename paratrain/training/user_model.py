@@ -362,12 +362,6 @@ class UserRun:
             src._it, src.epoch, src.group = None, 0, 0
         return next(src)
 
-    @staticmethod
-    def flops_per_token(model: nn.Module, seq_len: int, n_params: int) -> float:
-        """The model's own estimate when it has one, else 6 x parameters (per token, or per sample)."""
-        own = getattr(model, "flops_per_token", None)
-        return float(own(seq_len)) if callable(own) else 6.0 * n_params
-
     def val_batches(self, batch_size: int, max_batches: int) -> list | None:
         """This rank's validation batches; None when there is nothing to evaluate."""
         if self.val_data is not None:
