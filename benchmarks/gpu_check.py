@@ -267,7 +267,7 @@ def markdown(rows: list[dict[str, Any]], device: str) -> str:
         status = r.get("status", "")
         if status != "ok":
             status += f": {r.get('reason', '')}"[:80]
-        lines.append(f"| {r['model']} | {r['mode']} | {f(r.get('params', 0) / 1e6, '.0f')}M | "
+        lines.append(f"| {r['model']} | {r['mode']} | {f(r.get('params', 0) / 1e6, '.1f')}M | "
                      f"{f(r.get('tokens_per_s'), ',.0f')} | {f(r.get('mfu'), '.3f')} | "
                      f"{f(r.get('mfu_vs_bf16_peak'), '.3f')} | {f(r.get('step_ms'), '.1f')} | {f(ratio, '.2f')} | "
                      f"{f(r.get('measured_mem_mb'), ',.0f')} | {f(r.get('predicted_mem_mb'), ',.0f')} | {status} |")
