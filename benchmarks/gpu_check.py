@@ -1,19 +1,23 @@
-"""GPU check on one CUDA device: does paratrain train there, and how good is the planner's
-GPU model?  Prints one JSON object (and writes it to ``--out`` when given).
+"""GPU check on one CUDA device: does paratrain train there, how fast, and how good is the
+planner's GPU model?  Writes one JSON object (``--out``) and a markdown table (``--md``).
 
-1. ``paratrain doctor --json`` (CUDA, cuDNN, NCCL world-1 all-reduce, gloo).
-2. The measured bf16 / fp32 matmul ceilings of the device (8192^3 products).
-3. Gradient codecs on CUDA tensors (payload device, error feedback, GPU vs CPU decode).
-   Device agreement, plain and through one parameter server (needs pyzmq there): the
-   default gpt for 10 fp32 steps on the GPU (NCCL, 1 rank) and on the CPU (gloo, 1 rank),
-   same seed and batch: the largest loss difference.
-4. Planner accuracy: for GPT sizes in bf16 autocast on 1 GPU, the planner's predicted step
-   time and peak memory (``paratrain plan``'s model, ``--gpu-type`` spec) against the
-   measured median step time and ``torch.cuda.max_memory_allocated``; and the step time
-   predicted with the compute efficiency fitted to one model's timed forward + backward
-   (what ``paratrain plan --efficiency`` takes), which tests the rest of the time model.
+1. ``paratrain doctor --json`` and the measured bf16 / fp32 matmul ceilings (8192^3).
+2. Gradient codecs on CUDA tensors (payload device, error feedback, GPU vs CPU decode).
+3. Loss agreement: the default gpt for 10 fp32 steps on the GPU and on the CPU, same seed and
+   batch, eager and with ``train.compile`` on both: the largest loss difference.
+4. Throughput matrix, bf16, one GPU: GPT and Llama shapes of about 125M, 350M and 1B
+   parameters, each eager / compile / compile + float8 (tensorwise; the float8 column needs
+   torchao and compute capability >= 8.9), plus full and op-level selective recompute at
+   the largest GPT: tokens/s, MFU (model FLOPs over the spec-sheet peak of the dtype in
+   use, and over the bf16 peak), measured peak memory against the planner's prediction,
+   and the step-time ratios the targets are about.  Runs in this process through the
+   trainer (``Trainer.train_step``), largest shapes first, in what is left of ``--budget-s``
+   (the whole script's, default 450 s); what does not fit is listed as skipped.  Llama
+   shapes need ``model.arch = "llama"``; where this checkout has no such arch they are
+   skipped with a note.
 
-    python benchmarks/gpu_check.py [--steps 30] [--gpu-type h200] [--out FILE]
+    python benchmarks/gpu_check.py [--steps 20] [--budget-s 450] [--out FILE] [--md FILE]
+    python benchmarks/gpu_check.py --cpu-smoke      # tiny shapes on the CPU: checks the script
 
 Nothing here runs in CI (it needs a GPU); results are recorded in docs/benchmarks.md.
 """
@@ -21,11 +25,13 @@ Nothing here runs in CI (it needs a GPU); results are recorded in docs/benchmark
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -33,18 +39,28 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from paratrain.config import Config  # noqa: E402
-from paratrain.planner.flops import spec_from_config  # noqa: E402
-from paratrain.planner.hardware import get_spec  # noqa: E402
-from paratrain.planner.measure import predict, run_layout  # noqa: E402
+from paratrain.config import Config, ConfigError  # noqa: E402
+from paratrain.mfu import compute_dtype, device_peak_flops, mfu  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-# (name, n_layer, d_model, n_head, seq_len, batch, activation checkpointing): byte vocabulary,
-# GPT-2-like shapes
-GPT_SIZES = [("gpt-25m", 6, 512, 8, 512, 32, "none"), ("gpt2-small-shape", 12, 768, 12, 1024, 16, "none"),
-             ("gpt2-small-shape-ac", 12, 768, 12, 1024, 16, "full"),
-             ("gpt-350m-shape", 24, 1024, 16, 1024, 8, "none")]
-REFERENCE = "gpt2-small-shape"  # the model whose forward + backward calibrates the compute efficiency
+# name -> (arch, n_layer, d_model, n_head, n_kv_head, d_ff, vocab, seq, batch); largest first
+SHAPES: dict[str, tuple] = {
+    "gpt-1.3b": ("gpt", 24, 2048, 16, 0, 8192, 50304, 2048, 8),
+    "llama-1b": ("llama", 16, 2048, 32, 8, 8192, 128256, 2048, 8),
+    "gpt-350m": ("gpt", 24, 1024, 16, 0, 4096, 50304, 1024, 16),
+    "llama-350m": ("llama", 24, 1024, 16, 4, 2816, 32000, 1024, 16),
+    "gpt-125m": ("gpt", 12, 768, 12, 0, 3072, 50304, 1024, 16),
+    "llama-125m": ("llama", 12, 768, 12, 4, 2048, 32000, 1024, 16),
+}
+SMOKE_SHAPES: dict[str, tuple] = {
+    "gpt-tiny": ("gpt", 2, 64, 4, 0, 256, 512, 64, 4),
+    "llama-tiny": ("llama", 2, 64, 4, 2, 192, 512, 64, 4),
+}
+# mode -> train overrides
+MODES = {"eager": {}, "compile": {"compile": True}, "compile+float8": {"compile": True, "float8": "tensorwise"},
+         "compile+ac_full": {"compile": True, "activation_checkpointing": "full"},
+         "compile+ac_selective_op": {"compile": True, "activation_checkpointing": "selective_op"}}
+RECOMPUTE_SHAPE = "gpt-1.3b"  # the shape the recompute modes run on
 
 
 def doctor() -> dict[str, Any]:
@@ -70,9 +86,8 @@ def matmul_tflops(dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float
 
 
 def codecs_on_device() -> dict[str, Any]:
-    """Every gradient codec on a CUDA tensor: payload on the GPU, error feedback exact
-    (decoded + residual == input), and the GPU decode equal to the CPU one where the codec
-    is deterministic (stochastic rounding and PowerSGD's random start use per-device RNGs)."""
+    """Every gradient codec on a CUDA tensor: payload on the GPU, error feedback exact, and the
+    GPU decode equal to the CPU one where the codec is deterministic."""
     from paratrain.grad_compression.codecs import get_codec
 
     out: dict[str, Any] = {}
@@ -98,142 +113,208 @@ def codecs_on_device() -> dict[str, Any]:
     return out
 
 
-def tiny_config(backend: str, steps: int, **parallel: Any) -> Config:
-    cfg = Config.default()
-    data = cfg.to_dict()
-    data["parallel"].update(nproc=1, backend=backend, **parallel)
-    data["train"].update(steps=steps, eval_every=0, log_every=1, deterministic=True)
-    data["checkpoint"].update(every=0, keep=0, resume=False, path="")
-    return Config.from_dict(data)
+def agreement(steps: int, **train: Any) -> dict[str, Any]:
+    """The default gpt, fp32, on the GPU and on the CPU (subprocesses): the largest loss difference."""
+    from paratrain.planner.measure import run_layout
 
+    def cfg(backend: str) -> Config:
+        data = Config.default().to_dict()
+        data["parallel"].update(nproc=1, backend=backend)
+        data["train"].update(steps=steps, eval_every=0, log_every=1, deterministic=True, **train)
+        data["checkpoint"].update(every=0, keep=0, resume=False, path="")
+        return Config.from_dict(data)
 
-def agreement(steps: int, **parallel: Any) -> dict[str, Any]:
-    """The same run on the GPU and on the CPU: the largest loss difference."""
-    gpu = run_layout(tiny_config("nccl", steps, **parallel), timeout_s=600)
-    cpu = run_layout(tiny_config("gloo", steps, **parallel), timeout_s=600)
+    gpu, cpu = run_layout(cfg("nccl"), timeout_s=600), run_layout(cfg("gloo"), timeout_s=600)
     out: dict[str, Any] = {"gpu_status": gpu.get("status"), "cpu_status": cpu.get("status")}
     if gpu.get("status") == "ok" and cpu.get("status") == "ok":
         diffs = [abs(a - b) for a, b in zip(gpu["losses"], cpu["losses"], strict=True)]
-        out.update(steps=len(diffs), max_abs_loss_diff=max(diffs), gpu_losses=gpu["losses"],
-                   cpu_losses=cpu["losses"])
+        out.update(steps=len(diffs), max_abs_loss_diff=max(diffs), gpu_losses=gpu["losses"], cpu_losses=cpu["losses"])
     else:
         out.update(gpu_reason=gpu.get("reason"), cpu_reason=cpu.get("reason"))
     return out
 
 
-def size_config(name: str, layers: int, d: int, heads: int, seq: int, batch: int, recompute: str,
-                steps: int) -> Config:
-    cfg = Config.default()
-    data = cfg.to_dict()
-    data["model"].update(n_layer=layers, d_model=d, n_head=heads, d_ff=4 * d, max_seq_len=seq, dropout=0.0)
+def shape_config(name: str, shape: tuple, mode: str, steps: int, run_dir: str, device: str) -> Config:
+    """A bf16 single-device config for one shape and mode (ConfigError: the arch is unknown here)."""
+    arch, layers, d, heads, kv, ff, vocab, seq, batch = shape
+    model = dict(arch=arch, n_layer=layers, d_model=d, n_head=heads, d_ff=ff, max_seq_len=seq, dropout=0.0,
+                 vocab_size=vocab)
+    if arch == "llama":
+        model.update(n_kv_head=kv)
+    data = Config.default().to_dict()
+    unknown = sorted(set(model) - set(data["model"]))
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]} is not a key in this checkout")
+    data["model"].update(model)
     data["data"].update(seq_len=seq, batch_size=batch)
-    data["train"].update(steps=steps, warmup_steps=5, eval_every=0, log_every=1, precision="bf16", lr=3e-4,
-                         activation_checkpointing=recompute)
-    data["parallel"].update(nproc=1, backend="nccl")
+    data["train"].update(steps=steps + 10, warmup_steps=5, eval_every=0, log_every=1, lr=3e-4,
+                         precision="bf16", **MODES[mode])
+    data["parallel"].update(nproc=1, backend="nccl" if device == "cuda" else "gloo")
     data["checkpoint"].update(every=0, keep=0, resume=False, path="")
-    data["run"]["name"] = name
+    data["run"].update(name=f"{name}-{mode}", dir=run_dir)
     return Config.from_dict(data)
 
 
-def fwd_bwd_ms(cfg: Config, repeats: int = 10) -> float:
-    """Median forward + backward (bf16 autocast) of the config's model on one batch, in ms."""
-    from paratrain.data import build_data
-    from paratrain.models import build_model
-    from paratrain.models.loss import lm_loss_sum
+def planner_prediction(cfg: Config, name: str, gpu_type: str) -> dict[str, Any]:
+    """The planner's step time and peak memory for ``cfg`` on ``gpu_type`` (less the fixed reserve)."""
+    try:
+        from paratrain.planner.calibrate import get_spec
+        from paratrain.planner.flops import spec_from_config
+        from paratrain.planner.measure import predict
 
-    data = build_data(cfg, 0, 1)
-    model = build_model(cfg.model, data.vocab_size, data.pad_id).cuda()
-    batch = {k: v.cuda() for k, v in next(data.train).items()}
-
-    def run() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = lm_loss_sum(model, batch)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        hw = get_spec(gpu_type)
+        step_s, mem = predict(cfg, spec_from_config(cfg, name), hw)
+        return {"predicted_step_ms": step_s * 1e3, "predicted_mem_mb": (mem[0] - hw.reserved_bytes) / 2**20}
+    except (ValueError, KeyError, ConfigError) as e:  # e.g. an arch the planner does not model
+        return {"planner": f"not modelled: {e}"}
 
 
-def planner_accuracy(steps: int, gpu_type: str) -> list[dict[str, Any]]:
-    """Spec-sheet prediction, and a prediction whose compute efficiency is fitted to one
-    reference model's measured forward + backward (``REFERENCE``) and then used for all."""
-    hw = get_spec(gpu_type)
-    ref = next(s for s in GPT_SIZES if s[0] == REFERENCE)
-    ref_cfg = size_config(*ref, steps)
-    ref_spec = spec_from_config(ref_cfg, REFERENCE)
-    ref_ms = fwd_bwd_ms(ref_cfg)
-    model_flops = ref_spec.flops_per_token("none") * ref_cfg.data.batch_size * ref_cfg.data.seq_len
-    eff = model_flops / (ref_ms / 1e3 * hw.peak_flops)
-    hw_cal = hw.with_(efficiency=eff)
-    rows = []
-    for name, layers, d, heads, seq, batch, recompute in GPT_SIZES:
-        cfg = size_config(name, layers, d, heads, seq, batch, recompute, steps)
-        pred_s, pred_mem = predict(cfg, spec_from_config(cfg, name), hw)
-        cal_s, _ = predict(cfg, spec_from_config(cfg, name), hw_cal)
-        t0 = time.time()
-        res = run_layout(cfg, timeout_s=300)
-        row: dict[str, Any] = {"model": name, "layers": layers, "d_model": d, "seq": seq, "batch": batch,
-                               "recompute": recompute, "calibrated_efficiency": eff,
-                               "reference_fwd_bwd_ms": ref_ms, "predicted_calibrated_step_ms": cal_s * 1e3,
-                               "predicted_step_ms": pred_s * 1e3,
-                               "predicted_mem_mb": pred_mem[0] / 2**20, "wall_s": time.time() - t0}
-        if res.get("status") != "ok":
-            row.update(status="error", reason=res.get("reason"))
-        else:
-            # skip the first steps (CUDA context, allocator warm-up, kernel autotuning)
-            measured = statistics.median(res["step_ms_all"][5:] or res["step_ms_all"])
-            mem = (res.get("peak_device_mem_mb") or [None])[0]
-            # the planner's memory includes a fixed reserve for the CUDA context and fragmentation
-            reserve = hw.reserved_bytes / 2**20
-            row.update(status="ok", measured_step_ms=measured, step_ratio=pred_s * 1e3 / measured,
-                       step_ratio_calibrated=cal_s * 1e3 / measured,
-                       mfu=res.get("mfu"), tokens_per_s=res.get("tokens_per_s"), measured_mem_mb=mem,
-                       predicted_mem_less_reserve_mb=row["predicted_mem_mb"] - reserve,
-                       mem_ratio=(row["predicted_mem_mb"] - reserve) / mem if mem else None,
-                       final_loss=res.get("final_loss"), params=res.get("params"))
+def train_in_process(cfg: Config, steps: int, device: str) -> dict[str, Any]:
+    """Build the trainer, run warm-up steps (compilation happens here), then time ``steps`` steps."""
+    from paratrain.parallel import ParallelDims
+    from paratrain.training.spec import RunSpec
+    from paratrain.training.trainer import Trainer
+
+    torch._dynamo.reset()  # every shape compiles afresh (no recompile limit carried across runs)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, ParallelDims.from_env(cfg, init=False), RunSpec.from_config(cfg))
+    losses, times = [], []
+    for i in range(steps + 3):
+        s0 = time.perf_counter()
+        loss_sum, n = trainer.train_step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - s0)
+        losses.append(trainer.reduced_loss(loss_sum, n))
+        if i == 2:
+            warm_s = time.perf_counter() - t0
+    step_s = statistics.median(times)
+    tok_s = trainer.tokens_per_step / step_s
+    dtype = compute_dtype(cfg.train.precision, cfg.train.float8)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else ""
+    peak, bf16_peak = device_peak_flops(device, name, dtype), device_peak_flops(device, name, "bf16")
+    out = {"status": "ok", "params": trainer.n_params, "step_ms": step_s * 1e3, "tokens_per_s": tok_s,
+           "mfu": mfu(trainer.flops_per_token, tok_s, 1, peak), "peak_dtype": dtype,
+           "mfu_vs_bf16_peak": mfu(trainer.flops_per_token, tok_s, 1, bf16_peak), "warmup_s": warm_s,
+           "first_loss": losses[0], "last_loss": losses[-1]}
+    if device == "cuda":
+        out["measured_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    del trainer
+    gc.collect()
+    return out
+
+
+def throughput_matrix(shapes: dict[str, tuple], steps: int, budget_s: float, gpu_type: str,
+                      device: str) -> list[dict[str, Any]]:
+    """Every shape x mode that fits in ``budget_s`` (largest first); see the module docstring."""
+    t_start = time.time()
+    rows: list[dict[str, Any]] = []
+    plan = [(n, m) for n in shapes for m in ("eager", "compile", "compile+float8")]
+    if device == "cuda":  # the recompute targets are GPU targets
+        big = next(iter(shapes))
+        plan[3:3] = [(big, "compile+ac_full"), (big, "compile+ac_selective_op")]
+    for name, mode in plan:
+        row: dict[str, Any] = {"model": name, "mode": mode}
         rows.append(row)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                cfg = shape_config(name, shapes[name], mode, steps, tmp, device)
+            except ConfigError as e:
+                row.update(status="skipped", reason=f"arch {shapes[name][0]!r} unknown here: {e}")
+                continue
+            if time.time() - t_start > budget_s:
+                row.update(status="skipped", reason=f"over the {budget_s:.0f} s budget")
+                continue
+            row.update(planner_prediction(cfg, name, gpu_type) if device == "cuda" else {})
+            t0 = time.time()
+            try:
+                row.update(train_in_process(cfg, steps, device))
+            except ConfigError as e:  # float8 without torchao / fp8 tensor cores: the one-line refusal
+                row.update(status="refused", reason=str(e))
+            except Exception as e:  # noqa: BLE001 - one failing row must not hide the others
+                row.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
+            row["wall_s"] = time.time() - t0
+        if "measured_mem_mb" in row and "predicted_mem_mb" in row:
+            row["mem_ratio"] = row["predicted_mem_mb"] / row["measured_mem_mb"]
         print(json.dumps(row), file=sys.stderr, flush=True)
+    _ratios(rows)
     return rows
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """Per model: compile and float8 speed-ups over eager / compile; recompute cost over compile."""
+    ok = {(r["model"], r["mode"]): r for r in rows if r.get("status") == "ok"}
+    for (model, mode), r in ok.items():
+        base = ok.get((model, "eager" if mode == "compile" else "compile"))
+        if base and mode != "eager":
+            r["time_ratio_vs_" + ("eager" if mode == "compile" else "compile")] = r["step_ms"] / base["step_ms"]
+
+
+def markdown(rows: list[dict[str, Any]], device: str) -> str:
+    """One table row per (model, mode)."""
+    head = (f"| model ({device}) | mode | params | tokens/s | MFU | MFU vs bf16 peak | step ms | ratio | "
+            "peak mem MB | planner mem MB | status |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+    def f(v: Any, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    lines = []
+    for r in rows:
+        ratio = r.get("time_ratio_vs_eager", r.get("time_ratio_vs_compile"))
+        status = r.get("status", "")
+        if status != "ok":
+            status += f": {r.get('reason', '')}"[:80]
+        lines.append(f"| {r['model']} | {r['mode']} | {f(r.get('params', 0) / 1e6, '.1f')}M | "
+                     f"{f(r.get('tokens_per_s'), ',.0f')} | {f(r.get('mfu'), '.3f')} | "
+                     f"{f(r.get('mfu_vs_bf16_peak'), '.3f')} | {f(r.get('step_ms'), '.1f')} | {f(ratio, '.2f')} | "
+                     f"{f(r.get('measured_mem_mb'), ',.0f')} | {f(r.get('predicted_mem_mb'), ',.0f')} | {status} |")
+    return head + "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per run (after 3 warm-up steps)")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole script")
     ap.add_argument("--gpu-type", default="h200")
-    ap.add_argument("--out", default="")
+    ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--md", default="gpu_check.md")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (checks the script itself)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_check needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        print("gpu_check needs a CUDA device (torch.cuda.is_available() is False); --cpu-smoke runs tiny shapes "
+              "on the CPU", file=sys.stderr)
         return 2
+    device = "cpu" if smoke else "cuda"
     t0 = time.time()
-    res: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    res: dict[str, Any] = {"device": "cpu" if smoke else torch.cuda.get_device_name(0), "torch": torch.__version__,
                            "cuda": torch.version.cuda}
-    steps = [("doctor", doctor), ("matmul", lambda: {"bf16_tflops": matmul_tflops(torch.bfloat16),
-                                                      "fp32_tflops": matmul_tflops(torch.float32)}),
-             ("codecs", codecs_on_device), ("agreement", lambda: agreement(10)),
-             ("ps_agreement", lambda: agreement(10, sync="ps")),
-             ("planner", lambda: planner_accuracy(args.steps, args.gpu_type))]
-    for key, fn in steps:
+    # the matrix gets what is left of the budget, less a minute for the row that overruns it
+    parts = [("throughput", lambda: throughput_matrix(SMOKE_SHAPES if smoke else SHAPES, 3 if smoke else args.steps,
+                                                      args.budget_s - 60 - (time.time() - t0), args.gpu_type,
+                                                      device))]
+    if not smoke:
+        parts = [("doctor", doctor), ("matmul", lambda: {"bf16_tflops": matmul_tflops(torch.bfloat16),
+                                                         "fp32_tflops": matmul_tflops(torch.float32)}),
+                 ("codecs", codecs_on_device), ("agreement", lambda: agreement(10)),
+                 ("agreement_compile", lambda: agreement(10, compile=True)), *parts]
+    for key, fn in parts:
         try:
             res[key] = fn()
-        except Exception as e:  # one failing part must not hide the others' results
+        except Exception as e:  # noqa: BLE001 - one failing part must not hide the others' results
             res[key] = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
         print(f"[gpu_check] {key} done at {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     res["wall_s"] = time.time() - t0
     text = json.dumps(res, indent=2, default=str)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+    if isinstance(res["throughput"], list):
+        with open(args.md, "w") as f:
+            f.write(markdown(res["throughput"], res["device"]))
     print(text)
     return 0
 

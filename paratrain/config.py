@@ -92,7 +92,12 @@ class TrainConfig:
     precision: str = "fp32"  # compute dtype: fp32, bf16 autocast, fp16 autocast with dynamic loss scaling
     loss_scale: float = 65536.0  # fp16: initial dynamic loss scale
     loss_scale_growth_interval: int = 2000  # fp16: overflow-free steps before the scale doubles
-    activation_checkpointing: str = "none"  # recompute in backward: none, full (whole blocks), selective (attention)
+    # recompute in backward: none; full (whole blocks); selective (the attention core); selective_op
+    # (save matmul / attention outputs, recompute the rest)
+    activation_checkpointing: str = "none"
+    compile: bool = False  # torch.compile each Transformer block's forward and the loss (regional compilation)
+    float8: str = "none"  # none | tensorwise | rowwise: float8 matmuls via torchao (CUDA, sm >= 8.9)
+    optim_state_dtype: str = "fp32"  # dtype of AdamW's moments: fp32, or bf16 to halve optimizer memory
     eval_every: int = 100  # steps between evaluations; 0 = never (a final eval still runs)
     eval_batches: int = 8  # validation batches per evaluation
     log_every: int = 10  # steps between metrics.jsonl lines
@@ -202,7 +207,9 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("data", "packing"): ("concat", "docs"),
     ("train", "optimizer"): ("adamw", "sgd", "onebit_adam"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
-    ("train", "activation_checkpointing"): ("none", "full", "selective"),
+    ("train", "activation_checkpointing"): ("none", "full", "selective", "selective_op"),
+    ("train", "float8"): ("none", "tensorwise", "rowwise"),
+    ("train", "optim_state_dtype"): ("fp32", "bf16"),
     ("parallel", "sync"): ("allreduce", "ps"),
     ("parallel", "pp_schedule"): ("gpipe", "1f1b", "interleaved"),
     ("parallel", "backend"): ("auto", "gloo", "nccl"),

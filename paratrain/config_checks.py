@@ -115,6 +115,9 @@ def check_llama(cfg: Config) -> None:
 def check_layout(cfg: Config) -> None:
     """Tensor / pipeline / ZeRO layouts that cannot work, each rejected with a one-line reason."""
     m, d, p = cfg.model, cfg.data, cfg.parallel
+    if cfg.train.float8 != "none" and p.tp > 1:
+        raise ConfigError("train.float8 does not combine with parallel.tp > 1 yet; use dp / zero for float8 "
+                          "or set train.float8 = \"none\"")
     if p.tp > 1:
         for key, value in (("n_head", m.n_head), ("d_ff", m.d_ff)):
             if value % p.tp:

@@ -6,6 +6,11 @@ Activation checkpointing (``train.activation_checkpointing``):
   only its input is kept, everything inside is recomputed in the backward pass.
 - ``"selective"``: only the attention ``core`` (scores, softmax, dropout, the product with V)
   is recomputed, the part Korthikanti et al. show is large in memory and cheap to redo.
+- ``"selective_op"``: per-op selective checkpointing of every block (torchtitan's op-level
+  SAC, ``torch.utils.checkpoint.create_selective_checkpoint_contexts``): the outputs of
+  matmuls, attention kernels and reduce-scatters are saved, everything else (norms,
+  activations, dropout, residual adds: cheap element-wise work) is recomputed, so the extra
+  backward cost stays far below a full forward.
 
 Mixed precision keeps fp32 parameters (the master weights), fp32 gradients and fp32
 reductions: the forward runs under autocast; fp16 adds dynamic loss scaling, with the
@@ -24,6 +29,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,
     checkpoint_wrapper,
 )
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from paratrain.config import ConfigError
 from paratrain.models.blocks import AttentionCore, MultiHeadAttention
@@ -31,7 +37,7 @@ from paratrain.models.blocks import AttentionCore, MultiHeadAttention
 AC_PREFIX = "_checkpoint_wrapped_module."
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
+def blocks_of(model: nn.Module) -> list[nn.Module]:
     """The repeated Transformer blocks: ``layer_modules()`` when the model has it (paratrain's
     models, pipeline chunks of them), else every ModuleDict entry holding one of paratrain's
     attention layers."""
@@ -61,9 +67,16 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, blocks: list[nn.
         return 0
     n = 0
     if mode == "full":
-        for block in blocks if blocks is not None else _blocks(model):
+        for block in blocks if blocks is not None else blocks_of(model):
             if not isinstance(block, CheckpointWrapper):
                 _replace(model, block, checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+                n += 1
+        return n
+    if mode == "selective_op":
+        for block in blocks_of(model):
+            if not isinstance(block, CheckpointWrapper):
+                _replace(model, block, checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                                          context_fn=op_sac_context))
                 n += 1
         return n
     if mode == "selective":
@@ -77,7 +90,32 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, blocks: list[nn.
                 m.core = checkpoint_wrapper(m.core, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
                 n += 1
         return n
-    raise ValueError(f"unknown activation_checkpointing {mode!r} (none | full | selective)")
+    raise ValueError(f"unknown activation_checkpointing {mode!r} (none | full | selective | selective_op)")
+
+
+def _saved_ops() -> set:
+    """The ops whose outputs op-level SAC keeps: matmuls, attention kernels, reduce-scatters."""
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu"]
+    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    c10d = getattr(torch.ops, "_c10d_functional", None)
+    if c10d is not None and hasattr(c10d, "reduce_scatter_tensor"):
+        ops.add(c10d.reduce_scatter_tensor.default)
+    return ops
+
+
+def _op_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if func in _SAVED else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED = _saved_ops()
+
+
+def op_sac_context():
+    """Forward / recompute contexts of one op-level selective checkpoint (``selective_op``)."""
+    return create_selective_checkpoint_contexts(_op_policy)
 
 
 def clean_name(name: str) -> str:

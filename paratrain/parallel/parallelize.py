@@ -7,7 +7,8 @@ As torchtitan's per-model ``parallelize_*`` functions do, the order is:
    apply to every stage;
 2. **tensor parallel** (``tp > 1``): ``spec.tp_plan`` over the mesh's ``tp`` axis;
 3. **activation checkpointing** (``train.activation_checkpointing``) on ``spec.blocks``;
-4. *(hook point: per-block compilation goes here, after TP/AC and before data parallel)*;
+4. **float8 linears** (``train.float8``, GPUs) and **regional compilation** (``train.compile``:
+   each block's forward), after TP/AC and before data parallel, as torchtitan orders them;
 5. **the data-parallel axis**: FSDP2 per block and root (ZeRO-2/3, or the dp axis of a dp x tp
    layout), DDP (plain data parallel, ZeRO-1), or nothing (one process; the parameter server;
    a pipeline, whose sync all-reduces gradients itself after the last micro-batch).
@@ -26,8 +27,10 @@ from typing import Any, Protocol
 from torch import nn
 
 from paratrain.config import Config, ConfigError
+from paratrain.parallel.compile import apply_compile
 from paratrain.parallel.data_parallel import CompressedDDPSync, DDPSync, OneBitAdamSync, wrap_ddp
 from paratrain.parallel.dims import ParallelDims
+from paratrain.parallel.float8 import apply_float8
 from paratrain.parallel.memory_policy import apply_activation_checkpointing
 from paratrain.parallel.meta_init import has_meta, materialize
 from paratrain.parallel.model_parallel import ModelParallelSync, PipelineModel
@@ -77,7 +80,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Con
     if dims.pp > 1:  # 1. pipeline split; 2-3 per stage
         model = _pipeline(model, dims, spec, cfg, sync)
     else:
-        model = _tp_and_ac(model, dims, spec, cfg)  # 2-3
+        fsdp = dims.dp > 1 and cfg.parallel.sync != "ps" and isinstance(sync, ModelParallelSync)
+        model = _tp_and_ac(model, dims, spec, cfg, fsdp)  # 2-4
         model = _data_parallel(model, dims, spec, cfg, sync)  # 5
     if meta:
         materialize(model, dims.device, cfg.run.seed)
@@ -85,8 +89,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Con
     return model
 
 
-def _tp_and_ac(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Config) -> nn.Module:
-    """Steps 2 and 3 on the whole model or on one pipeline stage."""
+def _tp_and_ac(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Config, fsdp: bool = False) -> nn.Module:
+    """Steps 2-4 on the whole model or on one pipeline stage (``fsdp``: step 5 will shard it)."""
     if dims.tp > 1:
 
         if spec.tp_plan is None:
@@ -94,6 +98,8 @@ def _tp_and_ac(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Conf
         lp = _loss_parallel(cfg, dims)
         apply_tensor_parallel(model, dims.axis_mesh("tp"), loss_parallel=lp, plan=spec.tp_plan(model, lp))
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing, spec.blocks(model))
+    apply_float8(model, cfg, dims.device, fsdp=fsdp)
+    apply_compile(model, cfg, dims.rank, spec.blocks(model))  # the blocks as checkpointing left them
     return model
 
 
@@ -129,7 +135,7 @@ def _data_parallel(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: 
 
         # TP's gathered logits are a view; the trainer never modifies them in place
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-        apply_fsdp(model, spec.blocks(model), dims.axis_mesh("dp"), p.zero, p.cpu_offload)
+        apply_fsdp(model, spec.blocks(model), dims.axis_mesh("dp"), p.zero, p.cpu_offload, cfg.train.precision)
         sync.fsdp = True
         return model
 

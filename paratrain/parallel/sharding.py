@@ -22,30 +22,14 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from paratrain.config import Config
 from paratrain.parallel.data_parallel import DDPSync
+from paratrain.parallel.optim import optimizer_kwargs, param_groups
 from paratrain.parallel.sync import unwrap
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
-def optimizer_kwargs(cfg: Config) -> tuple[type[torch.optim.Optimizer], dict]:
-    """The optimizer class and constructor arguments :func:`make_optimizer` uses."""
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD, {"lr": t.lr, "momentum": t.momentum}
-    return torch.optim.AdamW, {"lr": t.lr, "betas": (0.9, 0.95), "eps": 1e-8, "foreach": False}
-
-
-def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    """Weight decay on matrices only (as make_optimizer does)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    wd = cfg.train.weight_decay
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 class Zero1Sync(DDPSync):
@@ -55,21 +39,33 @@ class Zero1Sync(DDPSync):
     uses_dcp = True
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        cls, kw = optimizer_kwargs(self.cfg)
+        cls, kw = optimizer_kwargs(self.cfg, list(unwrap(model).parameters()))
         return ZeroRedundancyOptimizer(param_groups(unwrap(model), self.cfg), optimizer_class=cls,
                                        process_group=self.dims.dp_group, **kw)
 
 
-def apply_fsdp(model: nn.Module, blocks: list[nn.Module], dp_mesh, zero: int, cpu_offload: bool) -> nn.Module:
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's policy for ``train.precision``: with ``bf16`` the gathered parameters (and so the
+    block's compute) are bf16 while gradients are reduced and kept in fp32, over fp32 master
+    weights; otherwise FSDP2 leaves dtypes alone (fp16 runs under autocast with loss scaling)."""
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp(model: nn.Module, blocks: list[nn.Module], dp_mesh, zero: int, cpu_offload: bool,
+               precision: str = "fp32") -> nn.Module:
     """FSDP2 over ``dp_mesh``: one unit per block, then the root (embeddings, norm, head).
 
     ``zero`` 3 reshards parameters after the forward; 2 (and 0, the plain data-parallel axis
-    of a dp x tp layout) keeps them gathered until the backward.
+    of a dp x tp layout) keeps them gathered until the backward.  ``precision``: see
+    :func:`mixed_precision_policy`.
     """
     kw = {
         "mesh": dp_mesh,
         "reshard_after_forward": zero == 3,
         "offload_policy": CPUOffloadPolicy(pin_memory=False) if cpu_offload else OffloadPolicy(),
+        "mp_policy": mixed_precision_policy(precision),
     }
     for block in blocks:
         fully_shard(block, **kw)

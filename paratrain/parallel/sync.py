@@ -27,6 +27,7 @@ from torch import nn
 from paratrain.config import Config
 from paratrain.parallel.dims import ParallelDims
 from paratrain.parallel.memory_policy import LossScaler
+from paratrain.parallel.optim import make_optimizer
 
 
 class GradSync:
@@ -195,24 +196,3 @@ def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
-
-
-def make_optimizer(model: nn.Module, cfg: Config, group: Any = None) -> torch.optim.Optimizer:
-    """AdamW (decay on matrices only, as GPT-2 does), SGD with momentum, or 1-bit Adam (AdamW's
-    groups; it exchanges its compressed momentum over ``group`` itself)."""
-    t = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if t.optimizer == "onebit_adam":
-        from paratrain.grad_compression.onebit_adam import OneBitAdam
-
-        return OneBitAdam(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, clip=t.grad_clip, group=group)
-    # On GPUs the fused kernel (one launch for all tensors); on CPU the per-tensor loop, whose
-    # rounding the single-process parity tests are written against.
-    on_gpu = bool(params) and all(p.device.type == "cuda" for p in params)
-    kind = {"fused": True} if on_gpu else {"foreach": False}
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, **kind)

@@ -15,9 +15,10 @@ import sys
 from typing import Any
 
 from paratrain.config import Config, ConfigError
+from paratrain.planner.calibrate import get_spec
 from paratrain.planner.cost import Setup
 from paratrain.planner.flops import PRESETS, RECOMPUTE_MODES, ModelSpec, spec_from_config
-from paratrain.planner.hardware import GPU_TYPES, HardwareSpec, describe, get_spec
+from paratrain.planner.hardware import GPU_TYPES, HardwareSpec, describe
 from paratrain.planner.search import SearchResult, explain, format_table, search
 
 

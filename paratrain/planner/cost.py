@@ -35,7 +35,7 @@ from typing import Any
 
 from paratrain.planner import codecs
 from paratrain.planner import memory as mem
-from paratrain.planner.flops import ModelSpec
+from paratrain.planner.flops import ModelSpec, hfu, mfu
 from paratrain.planner.hardware import HardwareSpec
 
 # Communication hidden behind compute still slows it: NCCL kernels take SMs and memory
@@ -335,8 +335,8 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
     return Estimate(layout=lay, memory_bytes=mem_worst, memory_per_stage=memory_per_stage,
                     memory_parts=parts_per_stage[worst], step_time_s=step, time_parts=time_parts,
                     model_flops=model_flops, hardware_flops=hw_flops,
-                    tflops_per_gpu=model_flops / (step * n) / 1e12, mfu=model_flops / (step * n * peak_raw),
-                    hfu=hw_flops / (step * n * peak_raw), fits=fits,
+                    tflops_per_gpu=model_flops / (step * n) / 1e12, mfu=mfu(model_flops, step, n, peak_raw),
+                    hfu=hfu(hw_flops, step, n, peak_raw), fits=fits,
                     dominant=max(time_parts, key=lambda k_: time_parts[k_]), notes=notes)
 
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from paratrain.mfu import mfu_from_step
+
 RECOMPUTE_MODES = ("none", "selective", "full")
 BYTE_VOCAB = 261  # vocab_size = 0 in a paratrain config means the byte tokenizer's 261 symbols
 
@@ -238,20 +240,9 @@ def megatron_flops(B: int, s: int, l: int, h: int, V: int, recompute: str = "non
     return base
 
 
-def mfu(model_flops: float, step_time_s: float, n_devices: int, peak_flops: float) -> float:
-    """Model FLOPs utilization: model FLOPs per second over the devices' peak (PaLM)."""
-    return model_flops / (step_time_s * n_devices * peak_flops)
-
-
-def hfu(hardware_flops: float, step_time_s: float, n_devices: int, peak_flops: float) -> float:
-    """Hardware FLOPs utilization: executed FLOPs (recomputation included) over peak."""
-    return hardware_flops / (step_time_s * n_devices * peak_flops)
-
-
-def throughput_mfu(flops_per_token: float, tokens_per_s: float, n_devices: int, peak_flops: float) -> float:
-    """MFU from a measured throughput: ``flops_per_token * tokens_per_s / (n_devices * peak)``
-    (pass :func:`model_flops_per_token` with ``recompute="none"``; with recomputation it is HFU)."""
-    return flops_per_token * tokens_per_s / (n_devices * peak_flops)
+# MFU (model FLOPs over peak) and HFU (executed FLOPs, recomputation included, over peak) are one
+# division, made in paratrain.mfu for the trainer and the planner alike
+mfu = hfu = mfu_from_step
 
 
 def training_days(tokens: float, params: float, n_devices: int, flops_per_device: float,

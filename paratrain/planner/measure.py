@@ -1,6 +1,6 @@
 """``paratrain plan --measure``: the planner checks itself against real runs on this machine.
 
-1. Measure the CPU (matmul, memory bandwidth, gloo, baseline RSS; hardware.measure_cpu).
+1. Measure the CPU (matmul, memory bandwidth, gloo, baseline RSS; calibrate.measure_cpu).
 2. Calibrate the compute model: time forward + backward of the config's model in this
    process at two micro-batch sizes with one worker's threads; a straight line through
    the two gives the achievable fraction of the matmul peak and the fixed cost per layer.
@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -27,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from paratrain.config import Config, ConfigError
+from paratrain.planner.calibrate import measure_alloc_bw, measure_cpu
 from paratrain.planner.cost import Layout, Setup, estimate
 from paratrain.planner.flops import ModelSpec, spec_from_config
-from paratrain.planner.hardware import HardwareSpec, describe, measure_alloc_bw, measure_cpu
+from paratrain.planner.hardware import HardwareSpec, describe
 
 MiB = float(1 << 20)
 _LAYOUT_RE = re.compile(r"^(single|ps|dp(\d+)|tp(\d+)|pp(\d+)|zero([0-3]))$")
@@ -90,12 +90,7 @@ def layout_config(cfg: Config, ml: MeasureLayout, steps: int) -> tuple[Config | 
 
 
 def availability(ml: MeasureLayout) -> str:
-    """Empty when the strategy's code exists; otherwise why the layout cannot run here."""
-    if ml.tp > 1 or ml.pp > 1 or ml.zero > 0:
-        if importlib.util.find_spec("paratrain.parallel.model_parallel") is None:
-            return "paratrain.parallel.model_parallel is not built yet"
-    if ml.sync == "ps" and importlib.util.find_spec("paratrain.ps.strategy") is None:
-        return "paratrain.ps.strategy is not built yet"
+    """Empty when the layout can run on this machine; otherwise why not."""
     if ml.nproc > (os.cpu_count() or 1):
         return f"needs {ml.nproc} processes but this machine has {os.cpu_count()} cores"
     return ""
@@ -177,6 +172,12 @@ def calibrate(cfg: Config, spec: ModelSpec, hw: HardwareSpec, threads: int, micr
 # ---- predictions and runs ---------------------------------------------------------------------------
 
 
+def _recompute(ac: str) -> str:
+    """The planner's recompute mode of ``train.activation_checkpointing`` (op-level SAC, which
+    keeps matmul outputs and recomputes element-wise work, is closest to ``selective``)."""
+    return "selective" if ac == "selective_op" else ac
+
+
 def predict(cfg: Config, spec: ModelSpec, hw: HardwareSpec) -> tuple[float, list[float]]:
     """(step time in s, peak bytes per rank) the planner predicts for a resolved config."""
     p = cfg.parallel
@@ -189,7 +190,7 @@ def predict(cfg: Config, spec: ModelSpec, hw: HardwareSpec) -> tuple[float, list
                   tp_allreduces=6)  # separate q/k/v projections: 4 backward all-reduces + 2 forward
     # paratrain's tensor parallel replicates LayerNorms and residuals: no sequence parallelism
     lay = Layout(tp=p.tp, pp=p.pp, dp=dp, zero=p.zero, microbatch=micro,
-                 recompute=cfg.train.activation_checkpointing, sync=p.sync, ps_servers=cfg.ps.servers,
+                 recompute=_recompute(cfg.train.activation_checkpointing), sync=p.sync, ps_servers=cfg.ps.servers,
                  schedule=p.pp_schedule, sp=False,
                  chunks=getattr(p, "virtual_stages", 2) if p.pp_schedule == "interleaved" else 1)
     est = estimate(spec, lay, setup, hw)

@@ -1,4 +1,5 @@
-"""Metrics out of the trainer: metrics.jsonl, the progress line, memory and FLOP/s ceilings."""
+"""Metrics out of the trainer: metrics.jsonl, the progress line, memory, and the MFU fields
+(computed by :mod:`paratrain.mfu`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from paratrain.fileio import dumps_strict, stdout_to_devnull
+from paratrain.mfu import device_peak_flops, honest_peak, mfu
 
 
 def peak_rss_mb() -> float:
@@ -20,31 +21,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure_matmul_flops(n: int = 512, repeats: int = 6) -> float:
-    """FLOP/s of an fp32 n x n matmul with this process's threads: the CPU peak we report MFU against."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+def run_peak_flops(device: torch.device, dtype: str) -> float:
+    """The device's peak FLOP/s for ``dtype`` (see :mod:`paratrain.mfu`): spec sheet on GPUs,
+    a matmul measured now on CPUs (the trainer calls this at the start of a run)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return device_peak_flops(device.type, name, dtype)
 
 
-# Dense bf16 tensor-core peaks from vendor spec sheets (FLOP/s per GPU).
-GPU_PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
-
-
-def device_peak_flops(device: torch.device) -> float:
-    """Peak FLOP/s of one worker's device: spec sheet for GPUs, measured for CPUs."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
-        return 100e12
-    return measure_matmul_flops()
+def mfu_fields(device: torch.device, dtype: str, start_peak: float, flops_per_token: float,
+               tokens_per_s: float, world: int) -> dict[str, Any]:
+    """summary.json's MFU block.  On CPUs the peak is measured again now (the end of the run)
+    and MFU divides by the highest of the two peaks and the FLOP/s the run reached."""
+    if not start_peak:  # ranks other than 0 do not measure
+        return {"mfu": None, "peak_flops_per_worker": 0.0}
+    end_peak = run_peak_flops(device, dtype) if device.type == "cpu" else start_peak
+    achieved = flops_per_token * tokens_per_s / world
+    peak = honest_peak([start_peak, end_peak], achieved) if device.type == "cpu" else start_peak
+    return {"mfu": mfu(flops_per_token, tokens_per_s, world, peak) if tokens_per_s else None,
+            "peak_flops_per_worker": peak, "peak_flops_start": start_peak, "peak_flops_end": end_peak,
+            "peak_flops_dtype": dtype,
+            "peak_flops_source": "spec sheet" if device.type == "cuda" else "measured matmul (median)"}
 
 
 class MetricsLog:
@@ -102,10 +98,3 @@ class Progress:
         except BrokenPipeError:  # the reader of a piped stdout left (`| head`): train on, print no more
             stdout_to_devnull()
             self.enabled = self.tty = False
-
-
-def model_flops_per_token(model: nn.Module, seq_len: int, n_params: int) -> float:
-    """Training FLOPs per token (or per sample): the model's own ``flops_per_token(seq_len)`` when
-    it has one (paratrain's models count attention too), else 6 x parameters."""
-    own = getattr(model, "flops_per_token", None)
-    return float(own(seq_len)) if callable(own) else 6.0 * n_params

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from paratrain.fileio import write_json_atomic
+from paratrain.mfu import honest_peak, mfu
 from paratrain.training.metrics import peak_rss_mb
 from paratrain.training.watchdog import start_watchdog
 
@@ -144,7 +145,9 @@ class RunMonitor:
         self.goodput.step_end(step)
         if record and "tokens_per_s" in record:
             if self.peak:
-                record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak * self.world)
+                achieved = self.flops_per_token * record["tokens_per_s"] / self.world
+                record["mfu"] = mfu(self.flops_per_token, record["tokens_per_s"], self.world,
+                                    honest_peak([self.peak], achieved))
             record["rss_mb"] = peak_rss_mb()
         if record and self.tb is not None:
             self._log_tb(step, record)

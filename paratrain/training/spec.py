@@ -22,6 +22,7 @@ from paratrain.data import build_data, val_batches
 from paratrain.data.user_data import IterableBatches, UserData, train_source, user_val_batches
 from paratrain.hf import init_from as hf_init_from
 from paratrain.models import build_model
+from paratrain.parallel.compile import token_loss_for
 from paratrain.parallel.meta_init import build_on_meta
 from paratrain.parallel.tensor_parallel import model_plan
 from paratrain.training.user_model import (
@@ -129,7 +130,7 @@ class RunSpec:
         if val_data is not None:
             vals = lambda bs, n: user_val_batches(val_data, bs, dp_rank, dp, n)
         spec = cls(arch=cfg.model.arch if model is None else "custom", model_factory=lambda: None, data=data,
-                   loss=loss_fn or LogitsLoss(), val_source=vals)
+                   loss=loss_fn or LogitsLoss(token_loss_for(cfg)), val_source=vals)
         spec.model_factory = _factory(cfg, spec, model)
 
         def settle(spec: RunSpec, m: nn.Module) -> None:

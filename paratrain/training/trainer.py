@@ -22,11 +22,12 @@ from paratrain import checkpoint as ckpt
 from paratrain.config import Config
 from paratrain.data.user_data import samples_in, to_device, tokens_in
 from paratrain.fileio import write_json_atomic
+from paratrain.mfu import compute_dtype, flops_per_token
 from paratrain.models import count_params
 from paratrain.parallel import GradSync, ParallelDims, make_sync, parallelize
 from paratrain.ps.strategy import PSSync
 from paratrain.training.checkpointer import Checkpointer
-from paratrain.training.metrics import MetricsLog, Progress, device_peak_flops, model_flops_per_token, peak_rss_mb
+from paratrain.training.metrics import MetricsLog, Progress, mfu_fields, peak_rss_mb, run_peak_flops
 from paratrain.training.monitor import RunMonitor
 from paratrain.training.spec import RunSpec
 
@@ -66,9 +67,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = spec.build_model()
         self.n_params = count_params(model)
-        self.flops_per_token = model_flops_per_token(model, cfg.data.seq_len, self.n_params)
+        self.flops_per_token = flops_per_token(model, cfg.data.seq_len, self.n_params)
         if cfg.parallel.sync == "ps":
-
             self.sync: GradSync = PSSync(cfg, dims)
         else:
             self.sync = make_sync(cfg, dims)
@@ -172,7 +172,8 @@ class Trainer:
         progress = Progress(cfg.train.steps, d.is_main)
         if resume_from is not None:
             progress.log(f"resumed from {resume_from} at step {self.step}")
-        peak = device_peak_flops(d.device) if d.is_main else 0.0
+        dtype = compute_dtype(cfg.train.precision, cfg.train.float8)
+        peak = run_peak_flops(d.device, dtype) if d.is_main else 0.0
         self.monitor = RunMonitor(cfg, d, meta.get("productive_s", 0.0), self.step, peak, self.flops_per_token,
                                   job_start=self.start_time)
         step_ms: list[float] = []
@@ -237,14 +238,13 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "samples_per_s": samples_per_s,
             "step_time_ms_median": statistics.median(step_ms) if step_ms else None,
-            "mfu": self.flops_per_token * tokens_per_s / (peak * d.world_size) if peak else None,
+            **mfu_fields(d.device, dtype, peak, self.flops_per_token, tokens_per_s, d.world_size),
             "peak_rss_mb": rss,
             "comm_bytes_per_step": comm_total / comm_steps if comm_steps else 0,
             "world_size": d.world_size,
             "strategy": self.sync.name,
             "params": self.n_params,
             "flops_per_token": self.flops_per_token,
-            "peak_flops_per_worker": peak,
             "wall_s": time.time() - self.start_time,
         }
         if d.device.type == "cuda":  # what the allocator held at its peak, per rank

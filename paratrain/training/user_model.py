@@ -214,6 +214,9 @@ class LogitsLoss:
 
     name = "logits"
 
+    def __init__(self, token_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = token_loss_sum) -> None:
+        self.token_loss = token_loss  # the cross-entropy itself (compiled under train.compile)
+
     def logits(self, model: nn.Module, batch: Any, strategy: Any = None) -> torch.Tensor | None:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         if strategy is not None:  # pipeline stages: None on the ranks that produce no logits
@@ -234,7 +237,7 @@ class LogitsLoss:
         labels = _labels(batch)
         logits = self.logits(model, batch)
         assert logits is not None
-        return token_loss_sum(logits, labels)
+        return self.token_loss(logits, labels)
 
     @staticmethod
     def count(batch: Any) -> int:
