@@ -110,6 +110,7 @@ class PSConfig:
     dead_after_s: float = 5.0
     optimizer: str = ""  # empty: train.optimizer
     max_message_mb: float = 1024.0
+    integrity: str = "none"  # none (connections authenticated once) | mac (every message keyed-hashed too)
 
 
 @dataclass
@@ -172,6 +173,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("parallel", "backend"): ("auto", "gloo", "nccl"),
     ("ps", "mode"): ("sync", "async", "ssp"),
     ("ps", "transport"): ("tcp", "ipc"),
+    ("ps", "integrity"): ("none", "mac"),
     ("ps", "optimizer"): ("", "adamw", "sgd"),
     ("compression", "gradient"): ("none", "fp16", "bf16", "int8", "topk", "powersgd"),
     ("compression", "int8_rounding"): ("nearest", "stochastic"),

@@ -14,12 +14,14 @@ import zmq
 from torch import nn
 
 from paratrain.config import Config
+from paratrain.ps.auth import connect_authenticated
 from paratrain.ps.client import PSClient
 from paratrain.ps.consistency import Clocks, Membership, SyncRound
 from paratrain.ps.launch import free_ports
 from paratrain.ps.placement import ParamInfo, place
 from paratrain.ps.protocol import (
     HEADER,
+    Flag,
     FrameRecord,
     Header,
     KeyRecord,
@@ -119,7 +121,7 @@ def test_encode_decode_round_trip_and_rejections():
         assert e.value.kind == kind
     with pytest.raises(ProtocolError, match="bad MAC"):
         decode(raw, Signer(b"another-secret-of-16+"), 1 << 20)
-    bad_len = Header(int(Msg.PUSH), nframes=1, length=99)  # signed correctly, but lies about its length
+    bad_len = Header(int(Msg.PUSH), nframes=1, length=99, flags=int(Flag.MAC))  # signed, but lies about its length
     head = bad_len.pack()
     with pytest.raises(ProtocolError, match="wrong length"):
         decode([head, b"abcd", s.mac([head, b"abcd"])], s, 1 << 20)
@@ -171,24 +173,24 @@ def test_membership_drops_silent_workers_and_rounds_stop_waiting():
 
 # ---- a real server -----------------------------------------------------------------------------
 def test_server_rejects_bad_messages_and_keeps_serving(caplog):
-    cfg = cfg_for("async")
+    cfg = cfg_for("async", **{"ps.integrity": "mac"})
     with running_server(cfg) as srv:
         ctx = zmq.Context()
-        raw = ctx.socket(zmq.DEALER)
-        raw.setsockopt(zmq.LINGER, 0)
+        raw, mac = connect_authenticated(ctx, srv.endpoint, SECRET, 0, 5)
+        assert mac
         raw.setsockopt(zmq.RCVTIMEO, 300)
-        raw.connect(srv.endpoint)
         good, evil = Signer(SECRET), Signer(b"not-the-job-secret!!")
         hello = encode(good, Header(int(Msg.HELLO), worker=0, incarnation=5, seq=1))
-        bad_len = Header(int(Msg.PUSH), worker=0, incarnation=5, seq=2, nframes=1, length=3).pack()
+        bad_len = Header(int(Msg.PUSH), worker=0, incarnation=5, seq=2, nframes=1, length=5,
+                         flags=int(Flag.MAC)).pack()
         msgs = [
             [b"garbage"],
             [b"P" * HEADER.size, b"x" * 32],
-            encode(evil, Header(int(Msg.HELLO), worker=0, incarnation=9, seq=1)),
-            encode(good, Header(99, worker=0)),
+            encode(evil, Header(int(Msg.HELLO), worker=0, incarnation=5, seq=1)),
+            encode(good, Header(99, worker=0, incarnation=5)),
             [bad_len, b"abcd", good.mac([bad_len, b"abcd"])],
-            encode(good, Header(int(Msg.PUSH), worker=0), frames=[bytes(80_000)]),
             hello, hello,  # the second is a replay
+            hello + [b"more than declared"],  # a liar: its connection is dropped
         ]
         for m in msgs:
             raw.send_multipart(m)
@@ -259,7 +261,9 @@ def test_sync_two_workers_mean_update_drop_and_rejoin():
 def test_restarted_server_replays_acknowledged_pushes(tmp_path):
     """Checkpoint at clock 2, crash after clock 4, restart from the checkpoint: the worker's
     replayed pushes make the state equal to an uninterrupted run."""
-    cfg = cfg_for("async", **{"train.optimizer": "adamw", "train.weight_decay": 0.1})
+    cfg = cfg_for("async", **{"train.optimizer": "adamw", "train.weight_decay": 0.1, "run.dir": f'"{tmp_path}"'})
+    ckpt = tmp_path / "step_2"
+    ckpt.mkdir()
     port = free_ports("127.0.0.1", 1)[0]
     endpoint = f"tcp://127.0.0.1:{port}"
 
@@ -274,11 +278,11 @@ def test_restarted_server_replays_acknowledged_pushes(tmp_path):
                     w.step(0.01, 1.0)
                     w.finish()
                     if step == 2:
-                        w.request(0, Msg.CHECKPOINT, {"path": str(tmp_path)})
+                        w.request(0, Msg.CHECKPOINT, {"path": str(ckpt)})
                         w.trim(0)
                     if step == 4 and crash:
                         servers[-1].stop()
-                        servers.append(ServerThread(cfg, endpoint=endpoint, resume=tmp_path / "ps_server0.pt"))
+                        servers.append(ServerThread(cfg, endpoint=endpoint, resume=ckpt / "ps_server0.pt"))
                 if crash:
                     assert w.recoveries == 1 and servers[-1].srv.shard.version == 6
                 return [p.detach().clone() for p in model.parameters()]

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from paratrain.config import Config, ConfigError
+from paratrain.ps.server_main import check_resume
 from paratrain.ps.strategy import ENDPOINTS_ENV, SECRET_ENV
 
 MAX_SERVER_RESTARTS = 10
@@ -86,6 +87,7 @@ class ServerGroup:
         self.run_dir = cfg.run_dir.resolve()
         self.job_id = uuid.uuid4().hex[:12]
         self.initial = resume_source(cfg)
+        check_resume(self.initial, ps.servers)  # one line now, not a crash loop of servers later
         (self.run_dir / "ps").mkdir(parents=True, exist_ok=True)
         self.tmp = None
         if ps.transport == "ipc":

@@ -16,8 +16,34 @@ from pathlib import Path
 
 import torch
 
-from paratrain.config import Config
+from paratrain.config import Config, ConfigError
 from paratrain.ps.server import SECRET_ENV, ParameterServer, shard_file
+
+STATE_KEYS = ("shard", "applied", "known", "retired", "clocks", "staleness", "max_gap")
+
+
+def load_state(path: Path) -> dict:
+    """A server checkpoint file, checked for its structure; ConfigError (one line) when it is
+    missing or cannot be loaded."""
+    fix = "resume from a checkpoint this parameter-server job wrote, or start without checkpoint.resume/path"
+    if not path.is_file():
+        raise ConfigError(f"parameter-server checkpoint {path} is missing; {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else ["everything"]
+        if missing or not isinstance(state["shard"], dict) or "params" not in state["shard"]:
+            raise ValueError(f"no {', '.join(missing) or 'shard parameters'}")
+    except Exception as e:  # noqa: BLE001 - any failure to load is the same user error
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise ConfigError(f"parameter-server checkpoint {path} cannot be loaded ({why}); {fix}") from None
+    return state
+
+
+def check_resume(ckpt_dir: Path | None, n_servers: int) -> None:
+    """Before a job resumes from ``ckpt_dir``: every server's state is there and loads."""
+    if ckpt_dir is not None:
+        for i in range(n_servers):
+            load_state(Path(ckpt_dir) / shard_file(i))
 
 
 def find_resume(run_dir: Path, index: int, job_id: str | None) -> Path | None:
@@ -77,12 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     resume = None
     if a.restart_count > 0:  # restarted after a crash: the newest checkpoint this job wrote
         resume = find_resume(cfg.run_dir, a.index, a.job_id or None)
-    if resume is None and a.resume:  # the checkpoint the job started from
-        f = Path(a.resume) / shard_file(a.index)
-        resume = f if f.is_file() else None
+    if resume is None and a.resume:  # the checkpoint the job started from: never silently skipped
+        resume = Path(a.resume) / shard_file(a.index)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server = ParameterServer(cfg, a.index, a.endpoint, secret.encode(), a.workers, a.servers, a.restart_count,
-                             resume, a.job_id, exit_when_done=a.exit_when_done)
+    try:
+        if resume is not None:
+            load_state(resume)
+        server = ParameterServer(cfg, a.index, a.endpoint, secret.encode(), a.workers, a.servers,
+                                 a.restart_count, resume, a.job_id, exit_when_done=a.exit_when_done)
+    except ConfigError as e:
+        print(f"paratrain: error: {e}", file=sys.stderr)
+        return 2
     print(f"READY {server.endpoint}", flush=True)
     try:
         server.serve()

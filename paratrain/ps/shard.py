@@ -91,6 +91,24 @@ class Shard:
             _, idx, rows = decoded
             dst.view(key.shape).index_add_(0, idx, rows, alpha=weight)
 
+    def add_grads(self, grads: list[tuple[KeySpec, tuple]], weight: float = 1.0) -> None:
+        """Add ``weight`` x decoded key gradients to the buffers (dense keys in one foreach op)."""
+        dense = [(self.view(self.grads, k), g[1]) for k, g in grads if g[0] == "dense"]
+        if dense:
+            dst, src = zip(*dense, strict=True)
+            torch._foreach_add_(list(dst), list(src), alpha=weight)
+        for k, g in grads:
+            if g[0] != "dense":
+                self.add_grad(k, g, weight)
+
+    def set_grads(self, grads: list[tuple[KeySpec, tuple]]) -> None:
+        """The buffers := one push's gradients (copied straight in when it covers every key densely)."""
+        if len(grads) == len(self.keys) and all(g[0] == "dense" for _, g in grads):
+            torch._foreach_copy_([self.view(self.grads, k) for k, _ in grads], [g[1] for _, g in grads])
+        else:
+            self.zero_grad()
+            self.add_grads(grads)
+
     def scale_grad(self, factor: float) -> None:
         if factor != 1.0:
             for g in self.grads:
