@@ -333,6 +333,7 @@ class ParameterServer(Intake, UpdateRules):
                 "version": self.shard.version if self.shard else 0,
                 "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                 "counters": dict(self.counters), "rejected": dict(self.rejected),
+                "refused_connections": self.gate.refused,
                 "staleness_hist": {str(k): v for k, v in sorted(self.staleness.items())},
                 "max_clock_gap": self.clocks.max_gap,
                 "clock_gaps": {str(k): v for k, v in sorted(self.clocks.gaps.items())},
