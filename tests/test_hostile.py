@@ -27,7 +27,7 @@ import zmq
 from torch import nn
 
 from paratrain.config import Config
-from paratrain.ps.auth import connect_authenticated, credential
+from paratrain.ps.auth import REFUSED, connect_authenticated, credential
 from paratrain.ps.client import PSClient
 from paratrain.ps.launch import free_ports
 from paratrain.ps.placement import place
@@ -228,7 +228,9 @@ def test_without_the_secret_a_peer_costs_the_server_nothing(tmp_path):
             big = torch.zeros(2 * MB).numpy()  # 8 MB, unread: the connection is not authenticated
             for _ in range(5):
                 s.send_multipart([Header(int(Msg.PUSH), worker=1, incarnation=6, nframes=1).pack(), big], copy=False)
-            for _ in range(6):  # the ERROR to the wrong answer, then one per unread push
+            assert s.poll(5000)
+            assert s.recv_multipart()[1:] == [REFUSED]  # the wrong answer is refused
+            for _ in range(5):  # and each push answered "unauthenticated", unread
                 assert s.poll(5000)
                 assert read_header(s.recv_multipart()[0]).type == Msg.ERROR
             s.close(linger=0)

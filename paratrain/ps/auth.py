@@ -36,6 +36,7 @@ NONCE_SIZE = 32
 MAX_PENDING = 1024  # challenges outstanding at once (oldest forgotten first)
 MAX_TRUSTED = 65536  # authenticated connections remembered (oldest forgotten first)
 CHALLENGE_TTL_S = 60.0
+PER_CONNECTION = 8  # challenges outstanding per connection (a worker repeats AUTH while a server starts)
 
 
 def keyed(secret: bytes, label: bytes, *parts: bytes) -> bytes:
@@ -123,7 +124,7 @@ class Trust:
 
     def __init__(self, secret: bytes):
         self.secret = secret
-        self.pending: OrderedDict[bytes, tuple[bytes, bytes, float]] = OrderedDict()
+        self.pending: OrderedDict[bytes, list[tuple[bytes, bytes, float]]] = OrderedDict()
         self.trusted: OrderedDict[bytes, bytes] = OrderedDict()
 
     def user_of(self, ident: bytes) -> bytes | None:
@@ -134,7 +135,9 @@ class Trust:
 
         The proof (that the server holds the secret) covers the mode, so it cannot be altered."""
         nonce, mode = secrets.token_bytes(NONCE_SIZE), bytes([int(mac)])
-        self.pending[ident] = (nonce, user, time.monotonic())
+        mine = self.pending.setdefault(ident, [])
+        mine.append((nonce, user, time.monotonic()))  # a worker may ask again before it answers
+        del mine[:-PER_CONNECTION]
         self.pending.move_to_end(ident)
         while len(self.pending) > MAX_PENDING:
             self.pending.popitem(last=False)
@@ -142,11 +145,15 @@ class Trust:
 
     def answer(self, ident: bytes, user: bytes, proof: bytes) -> bool:
         """Check a worker's answer; on success trust ``ident`` as ``user``."""
-        nonce, want_user, at = self.pending.pop(ident, (b"", b"", 0.0))
-        if not nonce or user != want_user or time.monotonic() - at > CHALLENGE_TTL_S:
+        now = time.monotonic()
+        mine = self.pending.get(ident, [])
+        for k, (nonce, want_user, at) in enumerate(mine):
+            if user == want_user and now - at <= CHALLENGE_TTL_S \
+                    and hmac.compare_digest(proof, keyed(self.secret, b"client", nonce, user)):
+                break
+        else:
             return False
-        if not hmac.compare_digest(proof, keyed(self.secret, b"client", nonce, user)):
-            return False
+        del mine[k]  # each nonce answers once
         self.trusted[ident] = user
         while len(self.trusted) > MAX_TRUSTED:
             self.trusted.popitem(last=False)
@@ -176,6 +183,9 @@ class ClientAuth:
                 server_proof, keyed(self.secret, b"server", nonce, self.user, mode)):
             return None
         return keyed(self.secret, b"client", nonce, self.user), mode == b"\1"
+
+
+REFUSED = b"refused"  # the frame of an AUTH reply that refuses a challenge answer
 
 
 def connect_authenticated(ctx: zmq.Context, endpoint: str, secret: bytes, worker: int, incarnation: int,

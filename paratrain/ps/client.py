@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from paratrain.config import ConfigError
-from paratrain.ps.auth import ClientAuth, gate_socket
+from paratrain.ps.auth import REFUSED, ClientAuth, gate_socket
 from paratrain.ps.protocol import (
     Flag,
     Header,
@@ -47,6 +47,7 @@ log = logging.getLogger("paratrain.ps.client")
 
 RESTARTED = "restarted"  # wait() result for a server that came back as a new process
 RESTART_KINDS = ("no session", "round lost", "not initialised")
+AUTH_RETRY_S = 2.0  # AUTH again when no challenge came back within this
 MAX_OUTSTANDING = 256  # requests kept per server for a resend after re-authentication
 
 
@@ -136,7 +137,7 @@ class PSClient:
     def _start_auth(self, sock: zmq.Socket, auth: ClientAuth, force: bool = False) -> None:
         """Send AUTH (asking for a challenge) unless one went out within the probe interval."""
         now = time.monotonic()
-        if not force and auth.started and now - auth.started < self.probe_after:
+        if not force and auth.started and now - auth.started < AUTH_RETRY_S:
             return
         auth.ok, auth.started = False, now
         h = Header(int(Msg.AUTH), worker=self.worker, incarnation=self.incarnation)
@@ -149,7 +150,13 @@ class PSClient:
             h = read_header(parts[0].buffer)
         except ProtocolError:
             return False
-        if h.type == Msg.AUTH and len(parts) == 2:  # the challenge
+        if h.type == Msg.AUTH and len(parts) == 2:  # a challenge (or the refusal of an answer)
+            if auth.ok:  # already authenticated: a late reply to a repeated AUTH
+                return True
+            if parts[1].bytes == REFUSED:  # an answer to a challenge the server no longer holds
+                log.warning("a parameter server refused our answer to its challenge; trying again")
+                auth.started = 0.0
+                return True
             answer = auth.proof(parts[1].bytes)
             if answer is None:
                 log.warning("a parameter server failed to prove it holds the job secret; not answering")

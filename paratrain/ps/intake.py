@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from paratrain.ps.auth import parse_user
+from paratrain.ps.auth import REFUSED, parse_user
 from paratrain.ps.protocol import MAC_SIZE, Flag, Header, Message, Msg, ProtocolError, decode, read_header
 
 MAX_FRAMES = 1 << 16  # tensor frames per message (the largest model has a few thousand keys)
@@ -96,8 +96,7 @@ class Intake:
         if self.trust.answer(ident, user, frame):
             return self._reply(ident, h, Msg.REPLY, flags=int(Flag.PROOF), sign=False)
         self._reject("bad proof", f"wrong challenge answer from {user.decode(errors='replace')}", None)
-        self._reply(ident, h, Msg.ERROR, meta={"error": "wrong challenge answer", "kind": "unauthenticated"},
-                    sign=False)
+        self._reply(ident, h, Msg.AUTH, frames=[REFUSED], sign=False)
 
     def _liar(self, ident: bytes, h: Header, what: str) -> None:
         """A trusted peer broke the size rules: forget its connection and ban its credential."""

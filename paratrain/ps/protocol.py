@@ -87,6 +87,7 @@ KEY_PACKED = 2  # key record flag: no frame of its own; its values are the next 
 DTYPES: list[torch.dtype] = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.int32,
                              torch.int64, torch.uint8, torch.float64]
 DTYPE_IDS = {d: i for i, d in enumerate(DTYPES)}
+DTYPE_SIZES = [torch.empty((), dtype=d).element_size() for d in DTYPES]
 
 
 class ProtocolError(ValueError):
@@ -366,7 +367,7 @@ def _check_frames(keys: list[KeyRecord], recs: list[FrameRecord], frames: list[m
         n = 1
         for s in r.shape:
             n *= s
-        want = n * torch.empty((), dtype=DTYPES[r.dtype]).element_size()
+        want = n * DTYPE_SIZES[r.dtype]
         if len(f) != want:
             raise ProtocolError("wrong length", f"frame {i}: {len(f)} bytes, its record says {want}")
 

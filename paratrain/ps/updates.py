@@ -51,9 +51,10 @@ def _check_value(what: str, v: float, hi: float) -> None:
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """True when no element of ``tensors`` is NaN or infinite (one fused read pass)."""
+    """True when no element of ``tensors`` is NaN or infinite (one fused read pass: the L2 norms,
+    so values beyond ~1e19, whose squares overflow, count as non-finite too)."""
     ts = [t for t in tensors if t.numel()]
-    return not ts or bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, float("inf")))).all())
+    return not ts or bool(torch.isfinite(torch.stack(torch._foreach_norm(ts))).all())
 
 
 class UpdateRules:
