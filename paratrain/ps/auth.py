@@ -36,7 +36,6 @@ NONCE_SIZE = 32
 MAX_PENDING = 1024  # challenges outstanding at once (oldest forgotten first)
 MAX_TRUSTED = 65536  # authenticated connections remembered (oldest forgotten first)
 CHALLENGE_TTL_S = 60.0
-PER_CONNECTION = 8  # challenges outstanding per connection (a worker repeats AUTH while a server starts)
 
 
 def keyed(secret: bytes, label: bytes, *parts: bytes) -> bytes:
@@ -124,7 +123,7 @@ class Trust:
 
     def __init__(self, secret: bytes):
         self.secret = secret
-        self.pending: OrderedDict[bytes, list[tuple[bytes, bytes, float]]] = OrderedDict()
+        self.pending: OrderedDict[bytes, tuple[bytes, bytes, float]] = OrderedDict()
         self.trusted: OrderedDict[bytes, bytes] = OrderedDict()
 
     def user_of(self, ident: bytes) -> bytes | None:
@@ -134,10 +133,11 @@ class Trust:
         """The challenge frame for a new connection: nonce | integrity mode | the server's proof.
 
         The proof (that the server holds the secret) covers the mode, so it cannot be altered."""
-        nonce, mode = secrets.token_bytes(NONCE_SIZE), bytes([int(mac)])
-        mine = self.pending.setdefault(ident, [])
-        mine.append((nonce, user, time.monotonic()))  # a worker may ask again before it answers
-        del mine[:-PER_CONNECTION]
+        mode, now = bytes([int(mac)]), time.monotonic()
+        nonce, was_user, at = self.pending.get(ident, (b"", b"", 0.0))
+        if was_user != user or now - at > CHALLENGE_TTL_S:  # else: the same nonce to a worker asking again
+            nonce = secrets.token_bytes(NONCE_SIZE)
+            self.pending[ident] = (nonce, user, now)
         self.pending.move_to_end(ident)
         while len(self.pending) > MAX_PENDING:
             self.pending.popitem(last=False)
@@ -145,15 +145,11 @@ class Trust:
 
     def answer(self, ident: bytes, user: bytes, proof: bytes) -> bool:
         """Check a worker's answer; on success trust ``ident`` as ``user``."""
-        now = time.monotonic()
-        mine = self.pending.get(ident, [])
-        for k, (nonce, want_user, at) in enumerate(mine):
-            if user == want_user and now - at <= CHALLENGE_TTL_S \
-                    and hmac.compare_digest(proof, keyed(self.secret, b"client", nonce, user)):
-                break
-        else:
+        nonce, want_user, at = self.pending.pop(ident, (b"", b"", 0.0))  # each nonce answers once
+        if not nonce or user != want_user or time.monotonic() - at > CHALLENGE_TTL_S:
             return False
-        del mine[k]  # each nonce answers once
+        if not hmac.compare_digest(proof, keyed(self.secret, b"client", nonce, user)):
+            return False
         self.trusted[ident] = user
         while len(self.trusted) > MAX_TRUSTED:
             self.trusted.popitem(last=False)
@@ -172,6 +168,7 @@ class ClientAuth:
         self.secret, self.user = secret, user
         self.ok = False
         self.started = 0.0  # when the AUTH request went out (0: not started)
+        self.answered = b""  # the challenge last answered (a repeated AUTH brings the same one back)
         self.waiting: dict[int, Any] = {}  # seq -> request to send once authenticated
 
     def proof(self, challenge: bytes) -> tuple[bytes, bool] | None:

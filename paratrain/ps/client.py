@@ -139,7 +139,7 @@ class PSClient:
         now = time.monotonic()
         if not force and auth.started and now - auth.started < AUTH_RETRY_S:
             return
-        auth.ok, auth.started = False, now
+        auth.ok, auth.started, auth.answered = False, now, b""
         h = Header(int(Msg.AUTH), worker=self.worker, incarnation=self.incarnation)
         with contextlib.suppress(zmq.ZMQError):
             sock.send_multipart(encode(None, h), zmq.NOBLOCK)
@@ -153,15 +153,19 @@ class PSClient:
         if h.type == Msg.AUTH and len(parts) == 2:  # a challenge (or the refusal of an answer)
             if auth.ok:  # already authenticated: a late reply to a repeated AUTH
                 return True
-            if parts[1].bytes == REFUSED:  # an answer to a challenge the server no longer holds
+            challenge = parts[1].bytes
+            if challenge == REFUSED:  # an answer to a challenge the server no longer holds
                 log.warning("a parameter server refused our answer to its challenge; trying again")
-                auth.started = 0.0
+                auth.started, auth.answered = 0.0, b""
                 return True
-            answer = auth.proof(parts[1].bytes)
+            if challenge == auth.answered:
+                return True
+            answer = auth.proof(challenge)
             if answer is None:
                 log.warning("a parameter server failed to prove it holds the job secret; not answering")
                 return True
             proof, self.mac = answer
+            auth.answered = challenge
             with contextlib.suppress(zmq.ZMQError):
                 sock.send_multipart(encode(None, Header(int(Msg.AUTH), worker=self.worker, flags=int(Flag.PROOF),
                                                         incarnation=self.incarnation), frames=[proof]), zmq.NOBLOCK)

@@ -59,7 +59,7 @@ class Intake:
         if claimed is None or claimed != (h.worker, h.incarnation):
             self._drain()
             return self._reject("malformed", f"worker {h.worker} on a connection of {user!r}", None)
-        if self.trust.user_of(ident) != user:
+        if h.type == Msg.AUTH or self.trust.user_of(ident) != user:  # AUTH: a (repeated) handshake
             return self._untrusted(ident, user, h)
         limit = self.max_bytes
         if h.nframes > MAX_FRAMES or h.length > limit:
@@ -82,7 +82,7 @@ class Intake:
 
     def _untrusted(self, ident: bytes, user: bytes, h: Header) -> None:
         """A connection that has not answered a challenge: serve AUTH steps, refuse the rest unread."""
-        if h.type != Msg.AUTH or h.nframes > 1 or h.length > AUTH_FRAME_MAX:
+        if h.type != Msg.AUTH or h.nframes > 1 or h.length > AUTH_FRAME_MAX or user in self.gate.banned:
             self._drain()
             self.counters["unauthenticated"] += 1
             return self._reply(ident, h, Msg.ERROR, meta={"error": "connection not authenticated",

@@ -62,7 +62,9 @@ class Msg(enum.IntEnum):
     ERROR = 34  # meta["error"]: what was wrong
 
 
-class Flag(enum.IntFlag):
+class Flag:
+    """Header flag bits (plain ints: this is on every message's path, and IntFlag arithmetic is slow)."""
+
     META = 1  # a JSON frame follows the header
     DESC = 2  # a key/frame table follows (after meta)
     PHASE1 = 4  # sync two-phase: reply carries the round's squared gradient norm, no params
