@@ -293,3 +293,31 @@ def test_restarted_server_replays_acknowledged_pushes(tmp_path):
     plain, crashed = run(False), run(True)
     for a, b in zip(plain, crashed, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_missing_or_unloadable_ps_checkpoint_is_one_line_exit_2(tmp_path):
+    """Resuming from a checkpoint without loadable server state stops before anything starts;
+    a server started on such a file exits 2 with one line (no crash loop, no silent re-seed)."""
+    import os
+    import subprocess
+    import sys
+
+    from paratrain.config import ConfigError
+    from paratrain.ps.server_main import check_resume
+
+    ckpt = tmp_path / "step_4"
+    ckpt.mkdir()
+    with pytest.raises(ConfigError, match="ps_server0.pt is missing") as e:
+        check_resume(ckpt, 1)
+    assert "\n" not in str(e.value)
+    (ckpt / "ps_server0.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match="cannot be loaded") as e:
+        check_resume(ckpt, 1)
+    assert "\n" not in str(e.value)
+    cfg = cfg_for("async", **{"run.dir": f'"{tmp_path}"'})
+    (tmp_path / "config.toml").write_text(cfg.to_toml())
+    r = subprocess.run([sys.executable, "-m", "paratrain.ps.server_main", "--config", str(tmp_path / "config.toml"),
+                        "--index", "0", "--endpoint", "tcp://127.0.0.1:*", "--workers", "1", "--servers", "1",
+                        "--resume", str(ckpt)], env=dict(os.environ, PARATRAIN_PS_SECRET=SECRET.decode()),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cannot be loaded" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

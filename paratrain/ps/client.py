@@ -135,7 +135,7 @@ class PSClient:
             del out[next(iter(out))]
 
     def _start_auth(self, sock: zmq.Socket, auth: ClientAuth, force: bool = False) -> None:
-        """Send AUTH (asking for a challenge) unless one went out within the probe interval."""
+        """Send AUTH (asking for a challenge) unless one went out within ``AUTH_RETRY_S``."""
         now = time.monotonic()
         if not force and auth.started and now - auth.started < AUTH_RETRY_S:
             return
