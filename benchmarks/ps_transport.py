@@ -4,12 +4,14 @@ One worker (this process) pushes a gradient of 4 KB, 1 MB and 40 MB to 1 and 2 s
 processes (async mode, SGD, lr 0: the servers check and apply the update and send the
 parameters back) and waits for the reply, over and over.  The baseline is the same bytes
 echoed by as many bare pyzmq ROUTER processes (one per server, each echoing its share, in
-parallel), no authentication, no update.  Both run interleaved in rounds, so load on the
-machine hits both alike; ``ratio`` = median over rounds of (PS round trips/s) / (echo round
-trips/s) of the same round.  Each ``ps.integrity`` mode is measured: ``none`` (connections
-authenticated once, the default) and ``mac`` (every message keyed-hashed on both ends).
+parallel), no authentication, no update.  Each ``ps.integrity`` mode is measured: ``none``
+(connections authenticated once, the default) and ``mac`` (every message keyed-hashed on both
+ends).  The round trips are interleaved one by one (echo, none, mac, echo, none, mac, ...), so
+load on the machine hits all alike, and each is timed alone: a round's ratio is median echo
+time / median PS time over its round trips, robust to the scheduling spikes of a busy
+machine; ``ratio`` is the median over rounds.
 
-    python benchmarks/ps_transport.py [--seconds 0.5] [--rounds 5] [--sizes 4096,1048576,41943040]
+    python benchmarks/ps_transport.py [--seconds 1] [--rounds 5] [--sizes 4096,1048576,41943040]
                                       [--servers 1,2] [--modes none,mac]
 
 Prints one strict-JSON object; progress lines go to stderr.
@@ -49,14 +51,18 @@ while True:
 """
 
 
-def timed(fn, seconds: float, min_iters: int = 3) -> float:
-    """Seconds per call of ``fn`` (after one warm-up call), over at least ``seconds``."""
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while n < min_iters or time.perf_counter() - t0 < seconds:
+def interleaved(fns: dict[str, object], seconds: float, min_iters: int = 5) -> dict[str, float]:
+    """Median seconds of one call of each of ``fns``, called in turn (after one warm-up round)."""
+    for fn in fns.values():
         fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    t_end = time.perf_counter() + seconds
+    while len(times[next(iter(fns))]) < min_iters or time.perf_counter() < t_end:
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 class Echo:
@@ -74,7 +80,8 @@ class Echo:
             s.connect(f"tcp://127.0.0.1:{int(p.stdout.readline())}")
             self.socks.append(s)
 
-    def round_trip_s(self, nbytes: int, seconds: float) -> float:
+    def round_trip(self, nbytes: int):
+        """One echo round trip of ``nbytes`` (split over the echo processes), as a callable."""
         share = [torch.randn(max(1, nbytes // 4 // len(self.socks))).numpy() for _ in self.socks]
 
         def once() -> None:
@@ -83,7 +90,7 @@ class Echo:
             for s in self.socks:
                 s.recv(copy=False)
 
-        return timed(once, seconds)
+        return once
 
     def close(self) -> None:
         for s in self.socks:
@@ -117,12 +124,10 @@ class PSJob:
         self.worker = PSWorker(self.client, layout, [self.param], PushEncoder(cfg.compression), "ssp", False, False)
         self.worker.connect(0)
 
-    def round_trip_s(self, seconds: float) -> float:
-        def once() -> None:
-            self.param.grad = self.grad
-            self.worker.step(0.0, 1.0)
-
-        return timed(once, seconds)
+    def round_trip(self) -> None:
+        """Push the gradient, wait for the new parameters, install them."""
+        self.param.grad = self.grad
+        self.worker.step(0.0, 1.0)
 
     def close(self) -> None:
         self.client.close()
@@ -131,7 +136,7 @@ class PSJob:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--seconds", type=float, default=0.5)
+    p.add_argument("--seconds", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--sizes", default="4096,1048576,41943040")
     p.add_argument("--servers", default="1,2")
@@ -146,23 +151,17 @@ def main() -> int:
                 for nbytes in [int(s) for s in a.sizes.split(",")]:
                     jobs = {m: PSJob(n_servers, nbytes, m, Path(tmp)) for m in a.modes.split(",")}
                     try:
-                        per = {m: [] for m in jobs}
-                        raw = []
-                        for _ in range(a.rounds):  # echo, then each mode, again and again
-                            raw.append(1 / echo.round_trip_s(nbytes, a.seconds))
-                            for m, job in jobs.items():
-                                per[m].append(1 / job.round_trip_s(a.seconds))
+                        fns = {"echo": echo.round_trip(nbytes), **{m: job.round_trip for m, job in jobs.items()}}
+                        rounds = [interleaved(fns, a.seconds) for _ in range(a.rounds)]
                     finally:
                         for job in jobs.values():
                             job.close()
-                    for m, rts in per.items():
-                        ratios = [x / r for x, r in zip(rts, raw, strict=True)]
+                    for m in jobs:
+                        ratios = [r["echo"] / r[m] for r in rounds]
+                        ps_s, echo_s = (statistics.median(r[k] for r in rounds) for k in (m, "echo"))
                         row = {"bytes": nbytes, "servers": n_servers, "integrity": m,
                                "ratio": statistics.median(ratios), "ratios": ratios,
-                               "ps_round_trips_per_s": statistics.median(rts),
-                               "echo_round_trips_per_s": statistics.median(raw),
-                               "ps_gb_s": 2 * nbytes * statistics.median(rts) / 1e9,
-                               "ps_ms": 1000 / statistics.median(rts), "echo_ms": 1000 / statistics.median(raw)}
+                               "ps_ms": 1000 * ps_s, "echo_ms": 1000 * echo_s, "ps_gb_s": 2 * nbytes / ps_s / 1e9}
                         rows.append(row)
                         print(json.dumps(row), file=sys.stderr, flush=True)
             finally:

@@ -213,11 +213,13 @@ def frame_tensor(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) ->
         n *= s
     if n == 0:
         return torch.empty(shape, dtype=dtype)
-    size = torch.empty((), dtype=dtype).element_size()
-    arr = np.frombuffer(buf, dtype=np.uint8)
-    if arr.ctypes.data % size or not arr.flags.writeable:
-        arr = arr.copy()
-    return torch.frombuffer(arr, dtype=dtype).view(shape)
+    view = memoryview(buf).cast("B")
+    if view.readonly:  # e.g. bytes: torch views only writable memory
+        view = memoryview(bytearray(view))
+    t = torch.frombuffer(view, dtype=torch.uint8)
+    if t.data_ptr() % DTYPE_SIZES[DTYPE_IDS[dtype]]:  # unaligned (small frames inside ZeroMQ's batch buffer)
+        t = t.clone()
+    return t.view(dtype).view(shape)
 
 
 def nbytes_of(part: Any) -> int:

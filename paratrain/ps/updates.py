@@ -54,7 +54,10 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     """True when no element of ``tensors`` is NaN or infinite (one fused read pass: the L2 norms,
     so values beyond ~1e19, whose squares overflow, count as non-finite too)."""
     ts = [t for t in tensors if t.numel()]
-    return not ts or bool(torch.isfinite(torch.stack(torch._foreach_norm(ts))).all())
+    if not ts:
+        return True
+    norms = torch._foreach_norm(ts)  # the sum of non-negative norms is finite iff each one is
+    return math.isfinite(float(norms[0] if len(norms) == 1 else torch.stack(norms).sum()))
 
 
 class UpdateRules:
