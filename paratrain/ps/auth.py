@@ -16,7 +16,8 @@ Two steps, both keyed with the job's shared secret:
 
 Until step 2 is done the server reads nothing but the fixed header of a message (no hashing,
 no JSON) and answers ``ERROR "unauthenticated"``; the worker then authenticates and sends
-the refused requests again (:class:`ClientAuth`).
+the refused requests again (:class:`ClientAuth`).  :class:`Signer` is the per-message MAC of
+``ps.integrity = "mac"``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import struct
 import time
 from collections import OrderedDict
 from typing import Any
@@ -45,6 +47,43 @@ def keyed(secret: bytes, label: bytes, *parts: bytes) -> bytes:
         h.update(len(p).to_bytes(4, "little"))
         h.update(p)
     return h.digest()
+
+
+DIGEST_MIN = 65536  # frames this large enter the MAC as their own HMAC (see Signer)
+_LEN = struct.Struct("<Q")
+
+
+class Signer:
+    """HMAC-SHA256 with the job's shared secret over a message's frames.
+
+    The MAC covers every frame's length and content; a frame of at least ``DIGEST_MIN`` bytes
+    enters through its own HMAC (a two-level MAC), so a server can sign one parameter frame
+    once per version for every worker it goes to (``digests``)."""
+
+    def __init__(self, secret: bytes):
+        if len(secret) < 16:
+            raise ValueError("the parameter-server secret must be at least 16 bytes")
+        self._key = hmac.new(secret, digestmod=hashlib.sha256)
+
+    def digest(self, part: Any) -> bytes:
+        h = self._key.copy()
+        h.update(part)
+        return h.digest()
+
+    def mac(self, parts: list[Any], digests: dict[int, bytes] | None = None) -> bytes:
+        h = self._key.copy()
+        for i, p in enumerate(parts):
+            n = p.nbytes if hasattr(p, "nbytes") else len(p)
+            h.update(_LEN.pack(n))
+            if n >= DIGEST_MIN:
+                d = digests.get(i) if digests else None
+                h.update(d if d is not None else self.digest(p))
+            else:
+                h.update(p)
+        return h.digest()
+
+    def verify(self, parts: list[Any], mac: bytes) -> bool:
+        return hmac.compare_digest(self.mac(parts), mac)
 
 
 def credential(secret: bytes, worker: int, incarnation: int) -> tuple[bytes, bytes]:

@@ -24,8 +24,6 @@ Anything wrong raises :class:`ProtocolError`; receivers log it and go on serving
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import json
 import struct
 from dataclasses import dataclass, field
@@ -33,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from paratrain.ps.auth import DIGEST_MIN, Signer  # noqa: F401 - part of the wire format's API
 
 MAGIC = b"PT"
 PROTOCOL_VERSION = 2  # 2: 16-byte key and 12-byte frame records
@@ -156,43 +156,6 @@ class Message:
     @property
     def type(self) -> int:
         return self.header.type
-
-
-DIGEST_MIN = 65536  # frames this large enter the MAC as their own HMAC (see Signer)
-_LEN = struct.Struct("<Q")
-
-
-class Signer:
-    """HMAC-SHA256 with the job's shared secret over a message's frames.
-
-    The MAC covers every frame's length and content; a frame of at least ``DIGEST_MIN`` bytes
-    enters through its own HMAC (a two-level MAC), so a server can sign one parameter frame
-    once per version for every worker it goes to (``digests``)."""
-
-    def __init__(self, secret: bytes):
-        if len(secret) < 16:
-            raise ValueError("the parameter-server secret must be at least 16 bytes")
-        self._key = hmac.new(secret, digestmod=hashlib.sha256)
-
-    def digest(self, part: Any) -> bytes:
-        h = self._key.copy()
-        h.update(part)
-        return h.digest()
-
-    def mac(self, parts: list[Any], digests: dict[int, bytes] | None = None) -> bytes:
-        h = self._key.copy()
-        for i, p in enumerate(parts):
-            n = nbytes_of(p)
-            h.update(_LEN.pack(n))
-            if n >= DIGEST_MIN:
-                d = digests.get(i) if digests else None
-                h.update(d if d is not None else self.digest(p))
-            else:
-                h.update(p)
-        return h.digest()
-
-    def verify(self, parts: list[Any], mac: bytes) -> bool:
-        return hmac.compare_digest(self.mac(parts), mac)
 
 
 # ---- tensors <-> frames -------------------------------------------------------------------
