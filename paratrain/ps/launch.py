@@ -291,7 +291,8 @@ def run_torchrun_role(cfg: Config) -> dict[str, Any]:
             from paratrain.ps.server_main import find_resume
 
             resume = find_resume(cfg.run_dir, rank, None)
-        elif initial is not None and (initial / f"ps_server{rank}.pt").is_file():
+        elif initial is not None:
+            check_resume(initial, n_servers)  # one line, not a silent re-seed from the workers
             resume = initial / f"ps_server{rank}.pt"
         (cfg.run_dir / "ps").mkdir(exist_ok=True)
         log = logging.getLogger(f"paratrain.ps.server{rank}")
