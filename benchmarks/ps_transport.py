@@ -1,29 +1,36 @@
-"""Parameter-server transport: push+pull round trips/s and GB/s, against a plain memory copy.
+"""Parameter-server round trips against a bare pyzmq DEALER/ROUTER echo of the same bytes.
 
 One worker (this process) pushes a gradient of 4 KB, 1 MB and 40 MB to 1 and 2 server
-processes (async mode, SGD, lr 0: the server applies an update and sends the parameters
-back) and waits for the reply, over and over.  GB/s counts both directions (gradient out,
-parameters back).  ``copy_gb_s`` is ``torch.Tensor.copy_`` of the same bytes measured in the
-same run; ``ratio_to_copy`` = PS GB/s / copy GB/s.  ``hmac_sha256_gb_s`` is the HMAC speed
-here, which every message pays on both ends; ``raw_zmq_round_trips_per_s`` is a bare pyzmq
-echo of the same bytes (no MAC, no update) for scale.
+processes (async mode, SGD, lr 0: the servers check and apply the update and send the
+parameters back) and waits for the reply, over and over.  The baseline is the same bytes
+echoed by as many bare pyzmq ROUTER processes (one per server, each echoing its share, in
+parallel), no authentication, no update.  Each ``ps.integrity`` mode is measured: ``none``
+(connections authenticated once, the default) and ``mac`` (every message keyed-hashed on both
+ends).  The round trips are interleaved one by one (echo, none, mac, echo, none, mac, ...), so
+load on the machine hits all alike, and each is timed alone: a round's ratio is median echo
+time / median PS time over its round trips, robust to the scheduling spikes of a busy
+machine; ``ratio`` is the median over rounds.
 
-    python benchmarks/ps_transport.py [--seconds 2] [--sizes 4096,1048576,41943040] [--servers 1,2]
+    python benchmarks/ps_transport.py [--seconds 1] [--rounds 5] [--sizes 4096,1048576,41943040]
+                                      [--servers 1,2] [--modes none,mac]
+
+Prints one strict-JSON object; progress lines go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,109 +42,131 @@ from paratrain.ps.strategy import ENDPOINTS_ENV, SECRET_ENV  # noqa: E402
 from paratrain.ps.wire import PushEncoder  # noqa: E402
 from paratrain.ps.worker import PSWorker  # noqa: E402
 
+ECHO = """
+import sys, zmq
+ctx = zmq.Context(); r = ctx.socket(zmq.ROUTER); r.setsockopt(zmq.LINGER, 0)
+print(r.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+while True:
+    r.send_multipart(r.recv_multipart(copy=False), copy=False)
+"""
 
-def timed(fn, seconds: float, min_iters: int = 3) -> float:
-    """Seconds per call of ``fn`` (after one warm-up call), over at least ``seconds``."""
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while n < min_iters or time.perf_counter() - t0 < seconds:
+
+def interleaved(fns: dict[str, object], seconds: float, min_iters: int = 5) -> dict[str, float]:
+    """Median seconds of one call of each of ``fns``, called in turn (after one warm-up round)."""
+    for fn in fns.values():
         fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    t_end = time.perf_counter() + seconds
+    while len(times[next(iter(fns))]) < min_iters or time.perf_counter() < t_end:
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def copy_gb_s(nbytes: int, seconds: float) -> float:
-    src, dst = torch.randn(nbytes // 4), torch.empty(nbytes // 4)
-    return nbytes / timed(lambda: dst.copy_(src), seconds, 10) / 1e9
+class Echo:
+    """``n`` bare ROUTER echo processes and one DEALER to each (the transport's ceiling)."""
+
+    def __init__(self, n: int):
+        self.procs = [subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+                      for _ in range(n)]
+        self.ctx = zmq.Context()
+        self.socks = []
+        for p in self.procs:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVTIMEO, 30_000)
+            s.connect(f"tcp://127.0.0.1:{int(p.stdout.readline())}")
+            self.socks.append(s)
+
+    def round_trip(self, nbytes: int):
+        """One echo round trip of ``nbytes`` (split over the echo processes), as a callable."""
+        share = [torch.randn(max(1, nbytes // 4 // len(self.socks))).numpy() for _ in self.socks]
+
+        def once() -> None:
+            for s, payload in zip(self.socks, share, strict=True):
+                s.send(payload, copy=False)
+            for s in self.socks:
+                s.recv(copy=False)
+
+        return once
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close(linger=0)
+        self.ctx.term()
+        for p in self.procs:
+            p.kill()
+            p.wait()
 
 
-def hmac_gb_s(seconds: float) -> float:
-    data = os.urandom(8 << 20)
-    return len(data) / timed(lambda: hmac.new(b"k" * 32, data, hashlib.sha256).digest(), seconds) / 1e9
+class PSJob:
+    """Servers of one (size, servers, integrity) setting and a worker pushing one tensor."""
 
+    def __init__(self, n_servers: int, nbytes: int, integrity: str, root: Path):
+        run_dir = root / f"s{n_servers}-{nbytes}-{integrity}"
+        run_dir.mkdir(parents=True)
+        cfg = Config.load(None, [f'--run.dir="{run_dir}"', f"--ps.servers={n_servers}", "--ps.mode=async",
+                                 "--parallel.sync=ps", "--parallel.nproc=1", "--train.optimizer=sgd",
+                                 "--train.momentum=0.0", "--train.weight_decay=0.0", "--ps.max_message_mb=256",
+                                 f"--ps.integrity={integrity}"])
+        (run_dir / "config.toml").write_text(cfg.to_toml())
+        rows = max(1, nbytes // 4 // 256)
+        self.param = torch.nn.Parameter(torch.randn(rows, nbytes // 4 // rows))
+        self.grad = torch.randn_like(self.param) * 1e-3
+        self.servers = local_servers(cfg, n_workers=1)
+        self.servers.__enter__()
+        self.client = PSClient(os.environ[ENDPOINTS_ENV].split(","), os.environ[SECRET_ENV].encode(), 0,
+                               max_bytes=256 << 20)
+        layout = place([ParamInfo("w", tuple(self.param.shape))], n_servers)
+        # "ssp" on the worker side: push, then wait for the reply every time (no overlap)
+        self.worker = PSWorker(self.client, layout, [self.param], PushEncoder(cfg.compression), "ssp", False, False)
+        self.worker.connect(0)
 
-def raw_zmq_round_trips(nbytes: int, seconds: float) -> float:
-    """Round trips/s of a bare DEALER -> ROUTER echo of the same bytes (no MAC, no update)."""
-    import threading
+    def round_trip(self) -> None:
+        """Push the gradient, wait for the new parameters, install them."""
+        self.param.grad = self.grad
+        self.worker.step(0.0, 1.0)
 
-    import zmq
-
-    ctx = zmq.Context()
-    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
-    for sock in (router, dealer):
-        sock.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    stop = threading.Event()
-
-    def echo() -> None:
-        while not stop.is_set():
-            if router.poll(50):
-                router.send_multipart(router.recv_multipart(copy=False), copy=False)
-
-    th = threading.Thread(target=echo, daemon=True)
-    th.start()
-    payload = torch.randn(nbytes // 4).numpy()
-    try:
-        sec = timed(lambda: (dealer.send(payload, copy=False), dealer.recv(copy=False)), seconds)
-    finally:
-        stop.set()
-        th.join()
-        router.close()
-        dealer.close()
-        ctx.term()
-    return 1 / sec
-
-
-def ps_round_trips(n_servers: int, nbytes: int, seconds: float, root: Path) -> dict[str, float]:
-    run_dir = root / f"s{n_servers}-{nbytes}"
-    cfg = Config.load(None, [f'--run.dir="{run_dir}"', f"--ps.servers={n_servers}", "--ps.mode=async",
-                             "--parallel.sync=ps", "--parallel.nproc=1", "--train.optimizer=sgd",
-                             "--train.momentum=0.0", "--train.weight_decay=0.0", "--ps.max_message_mb=256"])
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.toml").write_text(cfg.to_toml())
-    rows = max(1, nbytes // 4 // 256)
-    param = torch.nn.Parameter(torch.randn(rows, nbytes // 4 // rows))
-    grad = torch.randn_like(param) * 1e-3
-    with local_servers(cfg, n_workers=1):
-        endpoints = os.environ[ENDPOINTS_ENV].split(",")
-        client = PSClient(endpoints, os.environ[SECRET_ENV].encode(), 0, max_bytes=256 << 20)
-        try:
-            layout = place([ParamInfo("w", tuple(param.shape))], n_servers)
-            # "ssp" on the worker side: push, then wait for the reply every time (no overlap)
-            w = PSWorker(client, layout, [param], PushEncoder(cfg.compression), "ssp", False, False)
-            w.connect(0)
-
-            def round_trip():
-                param.grad = grad
-                w.step(0.0, 1.0)
-
-            sec = timed(round_trip, seconds)
-        finally:
-            client.close()
-    moved = 2 * param.numel() * 4
-    return {"round_trips_per_s": 1 / sec, "gb_s": moved / sec / 1e9, "ms_per_round_trip": sec * 1000}
+    def close(self) -> None:
+        self.client.close()
+        self.servers.__exit__(None, None, None)
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--seconds", type=float, default=1.0)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--sizes", default="4096,1048576,41943040")
     p.add_argument("--servers", default="1,2")
+    p.add_argument("--modes", default="none,mac")
     a = p.parse_args()
     torch.set_num_threads(1)
-    out = {"hmac_sha256_gb_s": hmac_gb_s(a.seconds / 2), "results": []}
+    rows = []
     with tempfile.TemporaryDirectory(prefix="ps-transport-") as tmp:
-        for nbytes in [int(s) for s in a.sizes.split(",")]:
-            copy = copy_gb_s(nbytes, a.seconds / 2)
-            raw = raw_zmq_round_trips(nbytes, a.seconds / 2)
-            for s in [int(x) for x in a.servers.split(",")]:
-                r = ps_round_trips(s, nbytes, a.seconds, Path(tmp))
-                r.update(bytes=nbytes, servers=s, copy_gb_s=copy, ratio_to_copy=r["gb_s"] / copy,
-                         raw_zmq_round_trips_per_s=raw)
-                out["results"].append(r)
-                print(json.dumps(r), file=sys.stderr)
-    print(json.dumps(out, indent=1))
+        for n_servers in [int(x) for x in a.servers.split(",")]:
+            echo = Echo(n_servers)
+            try:
+                for nbytes in [int(s) for s in a.sizes.split(",")]:
+                    jobs = {m: PSJob(n_servers, nbytes, m, Path(tmp)) for m in a.modes.split(",")}
+                    try:
+                        fns = {"echo": echo.round_trip(nbytes), **{m: job.round_trip for m, job in jobs.items()}}
+                        rounds = [interleaved(fns, a.seconds) for _ in range(a.rounds)]
+                    finally:
+                        for job in jobs.values():
+                            job.close()
+                    for m in jobs:
+                        ratios = [r["echo"] / r[m] for r in rounds]
+                        ps_s, echo_s = (statistics.median(r[k] for r in rounds) for k in (m, "echo"))
+                        row = {"bytes": nbytes, "servers": n_servers, "integrity": m,
+                               "ratio": statistics.median(ratios), "ratios": ratios,
+                               "ps_ms": 1000 * ps_s, "echo_ms": 1000 * echo_s, "ps_gb_s": 2 * nbytes / ps_s / 1e9}
+                        rows.append(row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+            finally:
+                echo.close()
+    print(json.dumps({"rounds": a.rounds, "seconds": a.seconds, "results": rows}, indent=1, allow_nan=False))
     return 0
 
 

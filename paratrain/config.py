@@ -138,11 +138,13 @@ class PSConfig:
     bind: str = "127.0.0.1"  # address the servers listen on (loopback by default)
     port: int = 0  # first server port (server i listens on port + i); 0: pick free ports
     transport: str = "tcp"  # ZeroMQ transport: tcp, or ipc (Unix sockets, one host)
-    secret: str = ""  # HMAC key of PS messages (>= 16 chars, never written to disk); empty: generated
+    # shared secret that authenticates PS connections (>= 16 chars, never written to disk); empty: generated
+    secret: str = ""
     heartbeat_s: float = 0.5  # seconds between worker heartbeats
     dead_after_s: float = 5.0  # a worker silent this long is declared dead and dropped
     optimizer: str = ""  # optimizer the servers apply; empty: train.optimizer
     max_message_mb: float = 1024.0  # largest message a server accepts
+    integrity: str = "none"  # none: connections authenticated once; mac: every message keyed-hashed too
 
 
 @dataclass
@@ -215,6 +217,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("parallel", "backend"): ("auto", "gloo", "nccl"),
     ("ps", "mode"): ("sync", "async", "ssp"),
     ("ps", "transport"): ("tcp", "ipc"),
+    ("ps", "integrity"): ("none", "mac"),
     ("ps", "optimizer"): ("", "adamw", "sgd"),
     ("compression", "gradient"): ("none", "fp16", "bf16", "int8", "topk", "powersgd"),
     ("compression", "int8_rounding"): ("nearest", "stochastic"),

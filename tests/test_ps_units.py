@@ -14,12 +14,14 @@ import zmq
 from torch import nn
 
 from paratrain.config import Config
+from paratrain.ps.auth import connect_authenticated
 from paratrain.ps.client import PSClient
 from paratrain.ps.consistency import Clocks, Membership, SyncRound
 from paratrain.ps.launch import free_ports
 from paratrain.ps.placement import ParamInfo, place
 from paratrain.ps.protocol import (
     HEADER,
+    Flag,
     FrameRecord,
     Header,
     KeyRecord,
@@ -119,7 +121,7 @@ def test_encode_decode_round_trip_and_rejections():
         assert e.value.kind == kind
     with pytest.raises(ProtocolError, match="bad MAC"):
         decode(raw, Signer(b"another-secret-of-16+"), 1 << 20)
-    bad_len = Header(int(Msg.PUSH), nframes=1, length=99)  # signed correctly, but lies about its length
+    bad_len = Header(int(Msg.PUSH), nframes=1, length=99, flags=int(Flag.MAC))  # signed, but lies about its length
     head = bad_len.pack()
     with pytest.raises(ProtocolError, match="wrong length"):
         decode([head, b"abcd", s.mac([head, b"abcd"])], s, 1 << 20)
@@ -171,24 +173,24 @@ def test_membership_drops_silent_workers_and_rounds_stop_waiting():
 
 # ---- a real server -----------------------------------------------------------------------------
 def test_server_rejects_bad_messages_and_keeps_serving(caplog):
-    cfg = cfg_for("async")
+    cfg = cfg_for("async", **{"ps.integrity": "mac"})
     with running_server(cfg) as srv:
         ctx = zmq.Context()
-        raw = ctx.socket(zmq.DEALER)
-        raw.setsockopt(zmq.LINGER, 0)
+        raw, mac = connect_authenticated(ctx, srv.endpoint, SECRET, 0, 5)
+        assert mac
         raw.setsockopt(zmq.RCVTIMEO, 300)
-        raw.connect(srv.endpoint)
         good, evil = Signer(SECRET), Signer(b"not-the-job-secret!!")
         hello = encode(good, Header(int(Msg.HELLO), worker=0, incarnation=5, seq=1))
-        bad_len = Header(int(Msg.PUSH), worker=0, incarnation=5, seq=2, nframes=1, length=3).pack()
+        bad_len = Header(int(Msg.PUSH), worker=0, incarnation=5, seq=2, nframes=1, length=5,
+                         flags=int(Flag.MAC)).pack()
         msgs = [
             [b"garbage"],
             [b"P" * HEADER.size, b"x" * 32],
-            encode(evil, Header(int(Msg.HELLO), worker=0, incarnation=9, seq=1)),
-            encode(good, Header(99, worker=0)),
+            encode(evil, Header(int(Msg.HELLO), worker=0, incarnation=5, seq=1)),
+            encode(good, Header(99, worker=0, incarnation=5)),
             [bad_len, b"abcd", good.mac([bad_len, b"abcd"])],
-            encode(good, Header(int(Msg.PUSH), worker=0), frames=[bytes(80_000)]),
             hello, hello,  # the second is a replay
+            hello + [b"more than declared"],  # a liar: its connection is dropped
         ]
         for m in msgs:
             raw.send_multipart(m)
@@ -259,7 +261,9 @@ def test_sync_two_workers_mean_update_drop_and_rejoin():
 def test_restarted_server_replays_acknowledged_pushes(tmp_path):
     """Checkpoint at clock 2, crash after clock 4, restart from the checkpoint: the worker's
     replayed pushes make the state equal to an uninterrupted run."""
-    cfg = cfg_for("async", **{"train.optimizer": "adamw", "train.weight_decay": 0.1})
+    cfg = cfg_for("async", **{"train.optimizer": "adamw", "train.weight_decay": 0.1, "run.dir": f'"{tmp_path}"'})
+    ckpt = tmp_path / "step_2"
+    ckpt.mkdir()
     port = free_ports("127.0.0.1", 1)[0]
     endpoint = f"tcp://127.0.0.1:{port}"
 
@@ -274,11 +278,11 @@ def test_restarted_server_replays_acknowledged_pushes(tmp_path):
                     w.step(0.01, 1.0)
                     w.finish()
                     if step == 2:
-                        w.request(0, Msg.CHECKPOINT, {"path": str(tmp_path)})
+                        w.request(0, Msg.CHECKPOINT, {"path": str(ckpt)})
                         w.trim(0)
                     if step == 4 and crash:
                         servers[-1].stop()
-                        servers.append(ServerThread(cfg, endpoint=endpoint, resume=tmp_path / "ps_server0.pt"))
+                        servers.append(ServerThread(cfg, endpoint=endpoint, resume=ckpt / "ps_server0.pt"))
                 if crash:
                     assert w.recoveries == 1 and servers[-1].srv.shard.version == 6
                 return [p.detach().clone() for p in model.parameters()]
@@ -289,3 +293,31 @@ def test_restarted_server_replays_acknowledged_pushes(tmp_path):
     plain, crashed = run(False), run(True)
     for a, b in zip(plain, crashed, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_missing_or_unloadable_ps_checkpoint_is_one_line_exit_2(tmp_path):
+    """Resuming from a checkpoint without loadable server state stops before anything starts;
+    a server started on such a file exits 2 with one line (no crash loop, no silent re-seed)."""
+    import os
+    import subprocess
+    import sys
+
+    from paratrain.config import ConfigError
+    from paratrain.ps.server_main import check_resume
+
+    ckpt = tmp_path / "step_4"
+    ckpt.mkdir()
+    with pytest.raises(ConfigError, match="ps_server0.pt is missing") as e:
+        check_resume(ckpt, 1)
+    assert "\n" not in str(e.value)
+    (ckpt / "ps_server0.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match="cannot be loaded") as e:
+        check_resume(ckpt, 1)
+    assert "\n" not in str(e.value)
+    cfg = cfg_for("async", **{"run.dir": f'"{tmp_path}"'})
+    (tmp_path / "config.toml").write_text(cfg.to_toml())
+    r = subprocess.run([sys.executable, "-m", "paratrain.ps.server_main", "--config", str(tmp_path / "config.toml"),
+                        "--index", "0", "--endpoint", "tcp://127.0.0.1:*", "--workers", "1", "--servers", "1",
+                        "--resume", str(ckpt)], env=dict(os.environ, PARATRAIN_PS_SECRET=SECRET.decode()),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cannot be loaded" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -7,10 +7,17 @@ immediately, even while it holds the real reply back for a barrier); a reply fro
 server incarnation, or a "no session" error, marks the server as restarted so the caller can
 recover (see :mod:`paratrain.ps.worker`).  A background thread sends heartbeats on its own
 sockets.  Every socket has a linger of 0 and receive/send timeouts.
+
+Every socket authenticates its connection (:mod:`paratrain.ps.auth`): a ZAP credential when
+it connects, then the server's challenge.  Requests made before that, or refused by a server
+that does not know the connection (it restarted), wait and go out once it is authenticated.
+The server's answer to the challenge also says whether messages carry a MAC
+(``ps.integrity``); the client follows it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -21,26 +28,43 @@ from typing import Any
 import zmq
 
 from paratrain.config import ConfigError
-from paratrain.ps.protocol import Flag, Header, Message, Msg, ProtocolError, Signer, decode, encode, send
+from paratrain.ps.auth import REFUSED, ClientAuth, gate_socket
+from paratrain.ps.protocol import (
+    Flag,
+    Header,
+    Message,
+    Msg,
+    ProtocolError,
+    Signer,
+    decode,
+    encode,
+    nbytes_of,
+    read_header,
+    send,
+)
 
 log = logging.getLogger("paratrain.ps.client")
 
 RESTARTED = "restarted"  # wait() result for a server that came back as a new process
 RESTART_KINDS = ("no session", "round lost", "not initialised")
+AUTH_RETRY_S = 2.0  # AUTH again when no challenge came back within this
+MAX_OUTSTANDING = 256  # requests kept per server for a resend after re-authentication
 
 
 class PSError(ConfigError):
     """The parameter servers cannot be reached or refuse this worker (one line, exit code 2)."""
 
 
-def _socket(ctx: zmq.Context, endpoint: str, max_bytes: int) -> zmq.Socket:
+def _socket(ctx: zmq.Context, endpoint: str, max_bytes: int, secret: bytes, worker: int,
+            incarnation: int) -> tuple[zmq.Socket, ClientAuth]:
     s = ctx.socket(zmq.DEALER)
     for opt, val in ((zmq.LINGER, 0), (zmq.RCVTIMEO, 1000), (zmq.SNDTIMEO, 1000), (zmq.SNDHWM, 1000),
-                     (zmq.RCVHWM, 1000), (zmq.MAXMSGSIZE, 2 * max_bytes + (1 << 20)),
+                     (zmq.RCVHWM, 1000), (zmq.MAXMSGSIZE, max_bytes + 4096),
                      (zmq.RECONNECT_IVL, 50), (zmq.RECONNECT_IVL_MAX, 1000)):
         s.setsockopt(opt, val)
+    user = gate_socket(s, secret, worker, incarnation)
     s.connect(endpoint)
-    return s
+    return s, ClientAuth(secret, user)
 
 
 class PSClient:
@@ -57,8 +81,13 @@ class PSClient:
         self.probe_after = max(0.25, 2 * heartbeat_s)
         self.give_up_s = max(give_up_s, 4 * dead_after_s)
         self.incarnation = secrets.randbits(31) + 1
+        self.secret = secret
+        self.mac: bool | None = None  # the servers' ps.integrity is "mac" (learnt in the handshake)
         self.ctx = zmq.Context()
-        self.socks = [_socket(self.ctx, ep, max_bytes) for ep in endpoints]
+        socks = [_socket(self.ctx, ep, max_bytes, secret, worker, self.incarnation) for ep in endpoints]
+        self.socks = [s for s, _ in socks]
+        self.auth = [a for _, a in socks]
+        self.outstanding: list[dict[int, tuple[Header, dict]]] = [{} for _ in endpoints]
         self.poller = zmq.Poller()
         for s in self.socks:
             self.poller.register(s, zmq.POLLIN)
@@ -85,13 +114,66 @@ class PSClient:
         """Send one request to ``server``; returns its sequence number (the reply carries it)."""
         self.seq += 1
         h = Header(int(mtype), worker=self.worker, incarnation=self.incarnation, seq=self.seq, **fields)
-        parts = encode(self.signer, h, meta=meta, keys=keys, frame_recs=frame_recs, frames=frames)
-        try:
-            send(self.socks[server], parts)
-        except zmq.Again:  # queue full while the server is away: the wait() below will probe
-            log.warning("send to server %d timed out (queue full)", server)
-        self.bytes_sent += sum(p.nbytes if hasattr(p, "nbytes") else len(p) for p in parts)
+        body = {"meta": meta, "keys": keys, "frame_recs": frame_recs, "frames": frames}
+        if self.auth[server].ok:
+            self._transmit(server, h, body)
+        else:  # goes out once the connection is authenticated
+            self.auth[server].waiting[self.seq] = (h, body)
+            self._start_auth(self.socks[server], self.auth[server])
         return self.seq
+
+    def _transmit(self, i: int, h: Header, body: dict) -> None:
+        parts = encode(self.signer if self.mac else None, h, **body)
+        try:
+            send(self.socks[i], parts)
+        except zmq.Again:  # queue full while the server is away: the wait() below will probe
+            log.warning("send to server %d timed out (queue full)", i)
+        self.bytes_sent += sum(nbytes_of(p) for p in parts)
+        out = self.outstanding[i]
+        out[h.seq] = (h, body)
+        if len(out) > MAX_OUTSTANDING:
+            del out[next(iter(out))]
+
+    def _start_auth(self, sock: zmq.Socket, auth: ClientAuth, force: bool = False) -> None:
+        """Send AUTH (asking for a challenge) unless one went out within ``AUTH_RETRY_S``."""
+        now = time.monotonic()
+        if not force and auth.started and now - auth.started < AUTH_RETRY_S:
+            return
+        auth.ok, auth.started, auth.answered = False, now, b""
+        h = Header(int(Msg.AUTH), worker=self.worker, incarnation=self.incarnation)
+        with contextlib.suppress(zmq.ZMQError):
+            sock.send_multipart(encode(None, h), zmq.NOBLOCK)
+
+    def _auth_step(self, sock: zmq.Socket, auth: ClientAuth, parts: list[Any]) -> bool:
+        """Handle a handshake message on ``sock``; False when ``parts`` is something else."""
+        try:
+            h = read_header(parts[0].buffer)
+        except ProtocolError:
+            return False
+        if h.type == Msg.AUTH and len(parts) == 2:  # a challenge (or the refusal of an answer)
+            if auth.ok:  # already authenticated: a late reply to a repeated AUTH
+                return True
+            challenge = parts[1].bytes
+            if challenge == REFUSED:  # an answer to a challenge the server no longer holds
+                log.warning("a parameter server refused our answer to its challenge; trying again")
+                auth.started, auth.answered = 0.0, b""
+                return True
+            if challenge == auth.answered:
+                return True
+            answer = auth.proof(challenge)
+            if answer is None:
+                log.warning("a parameter server failed to prove it holds the job secret; not answering")
+                return True
+            proof, self.mac = answer
+            auth.answered = challenge
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send_multipart(encode(None, Header(int(Msg.AUTH), worker=self.worker, flags=int(Flag.PROOF),
+                                                        incarnation=self.incarnation), frames=[proof]), zmq.NOBLOCK)
+            return True
+        if h.type == Msg.REPLY and h.flags & Flag.PROOF and h.seq == 0:  # accepted
+            auth.ok = True
+            return True
+        return False
 
     def wait(self, pending: dict[int, int], timeout: float | None = None) -> dict[int, Message | str]:
         """Replies to ``{server: seq}``; a server found restarted maps to :data:`RESTARTED`.
@@ -141,15 +223,28 @@ class PSClient:
         self.send(i, Msg.HELLO, flags=int(Flag.PROBE))
 
     def _drain(self, i: int) -> None:
+        sock, auth = self.socks[i], self.auth[i]
         while True:
             try:
-                parts = self.socks[i].recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            if self._auth_step(sock, auth, parts):
+                if auth.ok and auth.waiting:  # send what waited for the handshake, in order
+                    waiting, auth.waiting = auth.waiting, {}
+                    for seq in sorted(waiting):
+                        self._transmit(i, *waiting[seq])
+                continue
             try:
-                msg = decode(parts, self.signer, self.max_bytes)
+                msg = decode(parts, self.signer, self.max_bytes, require_mac=bool(self.mac))
             except ProtocolError as e:
                 log.warning("dropped a reply from server %d: %s", i, e)
+                continue
+            req = self.outstanding[i].pop(msg.header.seq, None)
+            if msg.type == Msg.ERROR and msg.meta.get("kind") == "unauthenticated":
+                if req is not None:  # the server does not know this connection (restarted): again, later
+                    auth.waiting[msg.header.seq] = req
+                self._start_auth(sock, auth, force=auth.ok)
                 continue
             msg.received_at = time.perf_counter()
             self.bytes_recv += msg.header.length
@@ -172,26 +267,45 @@ class PSClient:
         self.server_inc[i] = None
         self.restarted.discard(i)
         self.stash = {k: v for k, v in self.stash.items() if k[0] != i}
+        self.outstanding[i].clear()
 
     # ---- heartbeats ------------------------------------------------------------------------------------
     def _heartbeats(self) -> None:
-        socks = [_socket(self.ctx, ep, self.max_bytes) for ep in self.endpoints]
+        socks = [_socket(self.ctx, ep, self.max_bytes, self.secret, self.worker, self.incarnation)
+                 for ep in self.endpoints]
         seq = 0
         try:
+            for s, a in socks:
+                self._start_auth(s, a)
             while not self._stop.wait(self.heartbeat_s):
                 stats = self._stats_fn() if self._stats_fn else None
-                for i, s in enumerate(socks):
+                for i, (s, a) in enumerate(socks):
+                    self._heartbeat_replies(s, a)
+                    if not a.ok:
+                        self._start_auth(s, a)
+                        continue
                     seq += 1
                     h = Header(int(Msg.HEARTBEAT), worker=self.worker, incarnation=self.incarnation, seq=seq)
-                    parts = encode(self.signer, h, meta={"stats": stats} if stats and i == 0 else None)
+                    parts = encode(self.signer if self.mac else None, h,
+                                   meta={"stats": stats} if stats and i == 0 else None)
                     try:
                         s.send_multipart(parts, zmq.NOBLOCK)
                         self.heartbeat_bytes += sum(len(p) for p in parts)
                     except zmq.ZMQError:
                         pass
         finally:
-            for s in socks:
+            for s, _ in socks:
                 s.close(linger=0)
+
+    def _heartbeat_replies(self, sock: zmq.Socket, auth: ClientAuth) -> None:
+        """Handshake steps on a heartbeat socket; any other message there means "authenticate again"."""
+        while True:
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:
+                return
+            if not self._auth_step(sock, auth, parts):
+                auth.ok = False  # heartbeats get no replies: this is the server refusing the connection
 
     def stop_heartbeats(self) -> None:
         self._stop.set()

@@ -35,7 +35,7 @@ from typing import Any
 from paratrain import checkpoint as ckpt
 from paratrain.config import Config, ConfigError
 from paratrain.processes import die_with_parent
-from paratrain.ps.server_main import run_server
+from paratrain.ps.server_main import check_resume, run_server
 from paratrain.ps.strategy import ENDPOINTS_ENV, SECRET_ENV
 
 MAX_SERVER_RESTARTS = 10
@@ -79,6 +79,7 @@ class ServerGroup:
         self.run_dir = cfg.run_dir.resolve()
         self.job_id = uuid.uuid4().hex[:12]
         self.initial = resume_source(cfg)
+        check_resume(self.initial, ps.servers)  # one line now, not a crash loop of servers later
         (self.run_dir / "ps").mkdir(parents=True, exist_ok=True)
         self.tmp = None
         if ps.transport == "ipc":

@@ -1,8 +1,8 @@
-"""Wire format of the parameter server: one fixed binary header, raw tensor frames, an HMAC.
+"""Wire format of the parameter server: one fixed binary header, raw tensor frames, an optional MAC.
 
 A message is a ZeroMQ multipart message::
 
-    header (HEADER.size bytes) | [meta: JSON] | [desc: key/frame table] | tensor frames ... | mac (32 bytes)
+    header (HEADER.size bytes) | [meta: JSON] | [desc: key/frame table] | tensor frames ... | [mac (32 bytes)]
 
 * ``header`` -- magic, protocol version, message type, worker id, the sender's incarnation
   (a random id per process), a sequence number, clock, version, key range, dtype, codec,
@@ -11,8 +11,10 @@ A message is a ZeroMQ multipart message::
 * ``desc`` -- for pushes: one record per key (key id, codec, frame count, codec parameters)
   and one record per tensor frame (dtype, shape), so every frame's length is checked.
 * tensor frames are sent zero-copy from the tensors' memory and read zero-copy on receipt.
-* ``mac`` -- HMAC-SHA256 with the job's shared secret over every preceding frame (its
-  length and content; large frames through their own HMAC, see :class:`Signer`).
+* ``mac`` (flag ``MAC``; every message when ``ps.integrity = "mac"``) -- HMAC-SHA256 with the
+  job's shared secret over every preceding frame (its length and content; large frames
+  through their own HMAC, see :class:`Signer`).  Without it a message is trusted because its
+  connection was authenticated (:mod:`paratrain.ps.auth`).
 
 :func:`decode` checks, in order: frame count and header size, magic/version, sizes against
 the limit, the MAC, the message type, frame count and total length, then meta and desc.
@@ -22,8 +24,6 @@ Anything wrong raises :class:`ProtocolError`; receivers log it and go on serving
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import json
 import struct
 from dataclasses import dataclass, field
@@ -32,11 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from paratrain.ps.auth import DIGEST_MIN, Signer  # noqa: F401 - part of the wire format's API
+
 MAGIC = b"PT"
 PROTOCOL_VERSION = 2  # 2: 16-byte key and 12-byte frame records
 MAC_SIZE = 32
 CONTROL_ID = 0xFFFFFFFF  # worker id of the launcher's control client
 MAX_META_BYTES = 1 << 20
+MAX_META_DEPTH = 8
 
 
 class Msg(enum.IntEnum):
@@ -53,12 +56,15 @@ class Msg(enum.IntEnum):
     STATS = 9  # reply: counters, RSS, per-worker stats
     COLLECT = 10  # small collective (sum / gather / barrier) over live workers
     SHUTDOWN = 11
+    AUTH = 12  # connection handshake (see paratrain.ps.auth); never carries a MAC
     REPLY = 32  # generic acknowledgement (meta may carry data)
     PARAMS = 33  # parameter frames, one per key of the server, in key order
     ERROR = 34  # meta["error"]: what was wrong
 
 
-class Flag(enum.IntFlag):
+class Flag:
+    """Header flag bits (plain ints: this is on every message's path, and IntFlag arithmetic is slow)."""
+
     META = 1  # a JSON frame follows the header
     DESC = 2  # a key/frame table follows (after meta)
     PHASE1 = 4  # sync two-phase: reply carries the round's squared gradient norm, no params
@@ -66,6 +72,8 @@ class Flag(enum.IntFlag):
     PROBE = 16  # HELLO that only asks "are you there, which incarnation"
     DUPLICATE = 32  # push already applied before (replayed); reply carries current params
     PACKED = 64  # the first tensor frame packs the values of every KEY_PACKED key (fp32, in record order)
+    MAC = 128  # the last frame is the message's MAC
+    PROOF = 256  # AUTH: the frame answers the server's challenge
 
 
 # magic, version, type, worker, incarnation, seq, clock, version, key_start, key_count,
@@ -81,6 +89,7 @@ KEY_PACKED = 2  # key record flag: no frame of its own; its values are the next 
 DTYPES: list[torch.dtype] = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.int32,
                              torch.int64, torch.uint8, torch.float64]
 DTYPE_IDS = {d: i for i, d in enumerate(DTYPES)}
+DTYPE_SIZES = [torch.empty((), dtype=d).element_size() for d in DTYPES]
 
 
 class ProtocolError(ValueError):
@@ -149,43 +158,6 @@ class Message:
         return self.header.type
 
 
-DIGEST_MIN = 65536  # frames this large enter the MAC as their own HMAC (see Signer)
-_LEN = struct.Struct("<Q")
-
-
-class Signer:
-    """HMAC-SHA256 with the job's shared secret over a message's frames.
-
-    The MAC covers every frame's length and content; a frame of at least ``DIGEST_MIN`` bytes
-    enters through its own HMAC (a two-level MAC), so a server can sign one parameter frame
-    once per version for every worker it goes to (``digests``)."""
-
-    def __init__(self, secret: bytes):
-        if len(secret) < 16:
-            raise ValueError("the parameter-server secret must be at least 16 bytes")
-        self._key = hmac.new(secret, digestmod=hashlib.sha256)
-
-    def digest(self, part: Any) -> bytes:
-        h = self._key.copy()
-        h.update(part)
-        return h.digest()
-
-    def mac(self, parts: list[Any], digests: dict[int, bytes] | None = None) -> bytes:
-        h = self._key.copy()
-        for i, p in enumerate(parts):
-            n = nbytes_of(p)
-            h.update(_LEN.pack(n))
-            if n >= DIGEST_MIN:
-                d = digests.get(i) if digests else None
-                h.update(d if d is not None else self.digest(p))
-            else:
-                h.update(p)
-        return h.digest()
-
-    def verify(self, parts: list[Any], mac: bytes) -> bool:
-        return hmac.compare_digest(self.mac(parts), mac)
-
-
 # ---- tensors <-> frames -------------------------------------------------------------------
 def tensor_frame(t: torch.Tensor) -> np.ndarray:
     """A zero-copy byte view of a CPU tensor (made contiguous first if it is not)."""
@@ -204,11 +176,13 @@ def frame_tensor(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) ->
         n *= s
     if n == 0:
         return torch.empty(shape, dtype=dtype)
-    size = torch.empty((), dtype=dtype).element_size()
-    arr = np.frombuffer(buf, dtype=np.uint8)
-    if arr.ctypes.data % size or not arr.flags.writeable:
-        arr = arr.copy()
-    return torch.frombuffer(arr, dtype=dtype).view(shape)
+    view = memoryview(buf).cast("B")
+    if view.readonly:  # e.g. bytes: torch views only writable memory
+        view = memoryview(bytearray(view))
+    t = torch.frombuffer(view, dtype=torch.uint8)
+    if t.data_ptr() % DTYPE_SIZES[DTYPE_IDS[dtype]]:  # unaligned (small frames inside ZeroMQ's batch buffer)
+        t = t.clone()
+    return t.view(dtype).view(shape)
 
 
 def nbytes_of(part: Any) -> int:
@@ -216,14 +190,15 @@ def nbytes_of(part: Any) -> int:
 
 
 # ---- encode / decode ---------------------------------------------------------------------------
-def encode(signer: Signer, header: Header, meta: dict[str, Any] | None = None,
+def encode(signer: Signer | None, header: Header, meta: dict[str, Any] | None = None,
            keys: list[KeyRecord] | None = None, frame_recs: list[FrameRecord] | None = None,
            frames: list[Any] = (), digests: dict[int, bytes] | None = None) -> list[Any]:
     """The multipart message for ``header`` + optional meta + optional desc + tensor frames.
 
-    ``digests`` maps indices into ``frames`` to their precomputed ``Signer.digest``."""
+    With a ``signer`` a MAC frame ends the message (``ps.integrity = "mac"``); ``digests`` maps
+    indices into ``frames`` to their precomputed ``Signer.digest``."""
     body: list[Any] = []
-    flags = header.flags & ~(Flag.META | Flag.DESC)
+    flags = header.flags & ~(Flag.META | Flag.DESC | Flag.MAC)
     if meta is not None:
         body.append(json.dumps(meta, separators=(",", ":")).encode())
         flags |= Flag.META
@@ -235,38 +210,60 @@ def encode(signer: Signer, header: Header, meta: dict[str, Any] | None = None,
         body.append(b"".join(desc))
         flags |= Flag.DESC
     body += list(frames)
+    if signer is not None:
+        flags |= Flag.MAC
     header.flags = int(flags)
     header.nframes = len(body)
     header.length = sum(nbytes_of(p) for p in body)
     head = header.pack()
+    if signer is None:
+        return [head, *body]
     if digests:
         first = 1 + len(body) - len(frames)  # part index of frames[0]
         digests = {first + i: d for i, d in digests.items()}
     return [head, *body, signer.mac([head, *body], digests)]
 
 
-def decode(parts: list[Any], signer: Signer, max_bytes: int) -> Message:
-    """Check and parse one received multipart message (frames as zmq.Frame or bytes)."""
-    bufs = [p.buffer if hasattr(p, "buffer") else memoryview(p) for p in parts]
-    if len(bufs) < 2:
-        raise ProtocolError("malformed", f"{len(bufs)} frame(s), need a header and a MAC")
-    if len(bufs[0]) != HEADER.size or len(bufs[-1]) != MAC_SIZE:
-        raise ProtocolError("malformed", f"header of {len(bufs[0])} bytes or MAC of {len(bufs[-1])} bytes")
-    fields = HEADER.unpack(bufs[0])
+def read_header(buf: Any) -> Header:
+    """The fixed header of a message (first frame), checked for size, magic and version only."""
+    if len(buf) != HEADER.size:
+        raise ProtocolError("malformed", f"header of {len(buf)} bytes")
+    fields = HEADER.unpack(buf)
     if fields[0] != MAGIC or fields[1] != PROTOCOL_VERSION:
         raise ProtocolError("malformed", f"bad magic/version {fields[0]!r}/{fields[1]}")
-    sizes = [len(b) for b in bufs[1:-1]]
+    return Header(*fields[2:])
+
+
+def decode(parts: list[Any], signer: Signer | None, max_bytes: int, require_mac: bool = True) -> Message:
+    """Check and parse one received multipart message (frames as zmq.Frame or bytes).
+
+    A message with the ``MAC`` flag is verified with ``signer``; one without is accepted only
+    when not ``require_mac`` (``ps.integrity = "none"``: its connection was authenticated)."""
+    bufs = [p.buffer if hasattr(p, "buffer") else memoryview(p) for p in parts]
+    if not bufs:
+        raise ProtocolError("malformed", "empty message")
+    h = read_header(bufs[0])
+    signed = bool(h.flags & Flag.MAC)
+    body = bufs[1:-1] if signed else bufs[1:]
+    if signed and (len(bufs) < 2 or len(bufs[-1]) != MAC_SIZE):
+        raise ProtocolError("malformed", f"{len(bufs)} frame(s) and no {MAC_SIZE}-byte MAC")
+    sizes = [len(b) for b in body]
     total = sum(sizes)
-    if total > max_bytes or any(s > max_bytes for s in sizes):
+    if total > max_bytes:
         raise ProtocolError("oversized", f"{total} bytes in {len(sizes)} frame(s), limit {max_bytes}")
-    if not signer.verify(bufs[:-1], bytes(bufs[-1])):
+    if signed and (signer is None or not signer.verify(bufs[:-1], bytes(bufs[-1]))):
         raise ProtocolError("bad MAC", "message not signed with this job's secret")
-    h = Header(*fields[2:])
+    if not signed and require_mac:
+        raise ProtocolError("bad MAC", "message without a MAC (ps.integrity = 'mac')")
     try:
-        return _parse(h, sizes, total, bufs[1:-1])
+        return _parse(h, sizes, total, body)
     except ProtocolError as e:
         e.header = h
         raise
+    except (RecursionError, MemoryError, OverflowError, struct.error, TypeError, ValueError) as e:
+        err = ProtocolError("malformed", f"{type(e).__name__} while parsing")
+        err.header = h
+        raise err from None
 
 
 def _parse(h: Header, sizes: list[int], total: int, body: list[memoryview]) -> Message:
@@ -281,10 +278,10 @@ def _parse(h: Header, sizes: list[int], total: int, body: list[memoryview]) -> M
             raise ProtocolError("malformed", "missing or oversized meta frame")
         try:
             meta = json.loads(bytes(body[0]))
-        except (ValueError, UnicodeDecodeError):
-            raise ProtocolError("malformed", "meta frame is not JSON") from None
-        if not isinstance(meta, dict):
-            raise ProtocolError("malformed", "meta frame is not a JSON object")
+        except (ValueError, RecursionError):  # e.g. 100,000 nested brackets
+            raise ProtocolError("malformed", "meta frame is not JSON (or nested too deeply)") from None
+        if not isinstance(meta, dict) or _depth(meta) > MAX_META_DEPTH:
+            raise ProtocolError("malformed", f"meta frame is not a JSON object of depth <= {MAX_META_DEPTH}")
         msg.meta, body = meta, body[1:]
     if h.flags & Flag.DESC:
         if not body:
@@ -294,6 +291,18 @@ def _parse(h: Header, sizes: list[int], total: int, body: list[memoryview]) -> M
         _check_frames(msg.keys, msg.frame_recs, body, bool(h.flags & Flag.PACKED))
     msg.frames = body
     return msg
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of a decoded JSON value (iterative: safe on any input)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            deepest = max(deepest, d)
+            if d <= MAX_META_DEPTH:
+                stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
 
 
 def _parse_desc(buf: memoryview) -> tuple[list[KeyRecord], list[FrameRecord]]:
@@ -325,7 +334,7 @@ def _check_frames(keys: list[KeyRecord], recs: list[FrameRecord], frames: list[m
         n = 1
         for s in r.shape:
             n *= s
-        want = n * torch.empty((), dtype=DTYPES[r.dtype]).element_size()
+        want = n * DTYPE_SIZES[r.dtype]
         if len(f) != want:
             raise ProtocolError("wrong length", f"frame {i}: {len(f)} bytes, its record says {want}")
 

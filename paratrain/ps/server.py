@@ -4,8 +4,9 @@ Run by ``python -m paratrain.ps.server_main --config RUN/config.toml --index I -
 --workers W --servers S`` (the launcher does this; the shared secret comes from the
 ``PARATRAIN_PS_SECRET`` environment variable).  The server
 
-* authenticates every message (:mod:`paratrain.ps.protocol`), rejects and logs bad ones
-  (rate-limited) and keeps serving;
+* admits only connections that prove they hold the job secret (:mod:`paratrain.ps.auth`),
+  bounds, checks and decodes every message (:mod:`paratrain.ps.intake`), rejects and logs bad
+  ones (rate-limited) and keeps serving;
 * holds its keys' parameters and optimizer state (:class:`~paratrain.ps.shard.Shard`) and
   applies updates itself in the configured consistency mode (:mod:`paratrain.ps.consistency`);
 * tracks worker sessions (incarnation + sequence numbers: replayed messages are rejected),
@@ -30,7 +31,9 @@ import torch
 import zmq
 
 from paratrain.config import Config
+from paratrain.ps.auth import Trust, ZapGate
 from paratrain.ps.consistency import Clocks, Collective, Membership, SyncRound
+from paratrain.ps.intake import Intake
 from paratrain.ps.placement import KeySpec, layout_digest
 from paratrain.ps.protocol import (
     CONTROL_ID,
@@ -40,13 +43,12 @@ from paratrain.ps.protocol import (
     Msg,
     ProtocolError,
     Signer,
-    decode,
     encode,
     frame_tensor,
     send,
 )
 from paratrain.ps.shard import OptimConfig, Shard, save_shard
-from paratrain.ps.updates import UpdateRules
+from paratrain.ps.updates import UpdateRules, all_finite
 
 SECRET_ENV = "PARATRAIN_PS_SECRET"
 JOIN_GRACE_S = 120.0
@@ -67,7 +69,7 @@ class Session:
         self.incarnation, self.seq, self.hb_seq = incarnation, seq, 0
 
 
-class ParameterServer(UpdateRules):
+class ParameterServer(Intake, UpdateRules):
     """The state and message loop of server ``index`` of ``n_servers``."""
 
     def __init__(self, cfg: Config, index: int, endpoint: str, secret: bytes, n_workers: int, n_servers: int,
@@ -80,14 +82,19 @@ class ParameterServer(UpdateRules):
         self.grad_clip = cfg.train.grad_clip
         self.two_phase = self.mode == "sync" and n_servers > 1 and self.grad_clip > 0
         self.max_bytes = int(ps.max_message_mb * 2**20)
+        self.integrity = ps.integrity
         self.signer = Signer(secret)
         self.incarnation = secrets.randbits(31) + 1
         self.restart_count = restart_count
         self.exit_when_done = exit_when_done
+        self.run_dir = Path(cfg.run_dir).resolve()
         self.ctx = zmq.Context()
+        self.gate = ZapGate(self.ctx, secret)  # bound before the ROUTER: no connection skips it
+        self.trust = Trust(secret)
         self.sock = self.ctx.socket(zmq.ROUTER)
+        ZapGate.guard(self.sock)
         for opt, val in ((zmq.LINGER, 0), (zmq.RCVTIMEO, 1000), (zmq.SNDTIMEO, 1000),
-                         (zmq.MAXMSGSIZE, 2 * self.max_bytes + (1 << 20)), (zmq.SNDHWM, 10000)):
+                         (zmq.MAXMSGSIZE, self.max_bytes + 4096), (zmq.SNDHWM, 10000), (zmq.RCVHWM, 1000)):
             self.sock.setsockopt(opt, val)
         self.sock.bind(endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -102,6 +109,7 @@ class ParameterServer(UpdateRules):
         self.applied: dict[int, int] = {}  # worker -> clock of its last push included in the state
         self.clocks = Clocks(ps.staleness if self.mode == "ssp" else (0 if self.mode == "sync" else None))
         self.round = SyncRound(1)
+        self.round_nonempty = False  # some push of the open round carried gradients
         self.round_replies: dict[int, tuple[bytes, int, int]] = {}
         self.awaiting_apply = False
         self.deferred: list[tuple[bytes, Message]] = []
@@ -134,19 +142,21 @@ class ParameterServer(UpdateRules):
         """Serve until SHUTDOWN, ``stop`` is set, or (exit_when_done) every worker is gone."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.gate.sock, zmq.POLLIN)
         tick = max(0.01, min(self.heartbeat_s, self.members.dead_after_s) / 2)
         parent = os.getppid()
         last_check = time.monotonic()
         while not self.stopping and not (stop is not None and stop.is_set()):
             if poller.poll(int(tick * 1000)):
-                while True:
+                self.gate.handle()
+                while not self.stopping:
                     try:
-                        parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        self._take()
                     except zmq.Again:
                         break
-                    self._on_parts(parts)
-                    if self.stopping:
-                        break
+                    except Exception:  # never exit on input (intake handles all it knows)
+                        self.log.exception("unexpected error reading a message")
+                        self.rejected["internal"] += 1
             now = time.monotonic()
             if now - last_check >= tick:
                 last_check = now
@@ -160,46 +170,16 @@ class ParameterServer(UpdateRules):
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        self.gate.close()
         self.ctx.term()
 
-    def _on_parts(self, parts: list[Any]) -> None:
-        if len(parts) < 2:
-            return self._reject("malformed", "message without routing id", None)
-        ident, body = parts[0].bytes, parts[1:]
-        try:
-            msg = decode(body, self.signer, self.max_bytes)
-        except ProtocolError as e:  # authenticated senders get an ERROR back, others nothing
-            return self._reject(e.kind, str(e), (ident, Message(e.header)) if e.header else None)
-        self.counters["bytes_in"] += msg.header.length
-        try:
-            self._dispatch(ident, msg)
-        except ProtocolError as e:
-            self._reject(e.kind, str(e), (ident, msg))
-        except Exception as e:  # an authenticated message we could not process: keep serving
-            self.log.exception("error handling %s from worker %d", Msg(msg.type).name, msg.header.worker)
-            self._reject("internal", f"{type(e).__name__}: {e}", (ident, msg))
-
-    def _reject(self, kind: str, detail: str, reply_to: tuple[bytes, Message] | None) -> None:
-        """Count + log (at most 20 lines per 10 s) a rejected message; answer authenticated senders."""
-        self.rejected[kind] += 1
-        start, n = self._log_window
-        now = time.monotonic()
-        if now - start > 10.0:
-            if n > 20:
-                self.log.warning("... %d more rejected messages not logged", n - 20)
-            start, n = now, 0
-        if n < 20:
-            who = f" from worker {reply_to[1].header.worker}" if reply_to else ""
-            self.log.warning("rejected message%s: %s", who, detail)
-        self._log_window = (start, n + 1)
-        if reply_to is not None:
-            self._reply(reply_to[0], reply_to[1].header, Msg.ERROR, meta={"error": detail, "kind": kind})
-
     def _reply(self, ident: bytes, req: Header, mtype: Msg, meta: dict | None = None, frames: list = (),
-               track: bool = False, digests: dict[int, bytes] | None = None, **fields: Any) -> None:
+               track: bool = False, digests: dict[int, bytes] | None = None, sign: bool = True,
+               **fields: Any) -> None:
         h = Header(int(mtype), worker=req.worker, incarnation=self.incarnation, seq=req.seq,
                    version=self.shard.version if self.shard else 0, **fields)
-        parts = encode(self.signer, h, meta=meta, frames=frames, digests=digests)
+        signer = self.signer if sign and self.integrity == "mac" else None
+        parts = encode(signer, h, meta=meta, frames=frames, digests=digests if signer else None)
         self.counters["bytes_out"] += h.length
         try:
             trackers = send(self.sock, [ident, *parts], track=track)
@@ -289,20 +269,23 @@ class ParameterServer(UpdateRules):
                 keys = [KeySpec.from_json(k) for k in msg.meta["keys"]]
             except (KeyError, TypeError, ValueError) as e:
                 raise ProtocolError("malformed", f"INIT key table: {e}") from None
-            if len(msg.frames) != len(keys) or any(k.server != self.index for k in keys):
+            if len(msg.frames) != len(keys) or any(k.server != self.index for k in keys) \
+                    or len({k.id for k in keys}) != len(keys):
                 raise ProtocolError("malformed", "INIT frames do not match its key table")
             values = []
             for k, f in zip(keys, msg.frames, strict=False):
                 if len(f) != 4 * k.numel:
                     raise ProtocolError("wrong length", f"INIT key {k.id}: {len(f)} bytes for {k.numel} floats")
                 values.append(frame_tensor(f, torch.float32, (k.numel,)).clone())
+            if not all_finite(values):
+                raise ProtocolError("bad value", "INIT values are not all finite")
             self.shard = Shard(keys, values, optim_config(self.cfg))
             self.log.info("initialised by worker %d: %d keys, %.2f MB", msg.header.worker, len(keys),
                           self.shard.numel * 4 / 2**20)
         self._reply(ident, msg.header, Msg.REPLY, meta={"digest": layout_digest(self.shard.keys)})
 
     def _on_heartbeat(self, ident: bytes, msg: Message) -> None:
-        if msg.meta.get("stats") and msg.header.worker in self.members.state:
+        if isinstance(msg.meta.get("stats"), dict) and msg.header.worker in self.members.state:
             self.worker_stats[msg.header.worker] = msg.meta["stats"]
 
     def _on_leave(self, ident: bytes, msg: Message) -> None:
@@ -314,9 +297,12 @@ class ParameterServer(UpdateRules):
 
     def _on_checkpoint(self, ident: bytes, msg: Message) -> None:
         shard = self._require_shard()
-        path = Path(str(msg.meta.get("path", "")))
+        raw = msg.meta.get("path")
+        path = Path(raw).resolve() if isinstance(raw, str) and raw and "\0" not in raw else None
+        if path is None or not path.is_relative_to(self.run_dir) or path == self.run_dir:
+            raise ProtocolError("bad path", f"checkpoint path {str(raw)[:200]!r} is not inside the run directory")
         if not path.is_dir():
-            raise ProtocolError("malformed", f"checkpoint dir {path} does not exist")
+            raise ProtocolError("bad path", f"checkpoint dir {path} does not exist")
         save_shard(path / shard_file(self.index), shard, self._bookkeeping())
         self.log.info("checkpoint at version %d -> %s", shard.version, path)
         self._reply(ident, msg.header, Msg.REPLY, meta={"file": shard_file(self.index)})
@@ -347,6 +333,7 @@ class ParameterServer(UpdateRules):
                 "version": self.shard.version if self.shard else 0,
                 "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                 "counters": dict(self.counters), "rejected": dict(self.rejected),
+                "refused_connections": self.gate.refused,
                 "staleness_hist": {str(k): v for k, v in sorted(self.staleness.items())},
                 "max_clock_gap": self.clocks.max_gap,
                 "clock_gaps": {str(k): v for k, v in sorted(self.clocks.gaps.items())},
@@ -358,7 +345,7 @@ class ParameterServer(UpdateRules):
         op, values = msg.meta.get("op"), msg.meta.get("values", [])
         if op not in ("sum", "gather", "barrier") or not isinstance(values, list):
             raise ProtocolError("malformed", f"collective {op!r}")
-        if msg.meta.get("stats"):
+        if isinstance(msg.meta.get("stats"), dict):
             self.worker_stats[msg.header.worker] = msg.meta["stats"]
         self.collective.add(msg.header.worker, op, [float(v) for v in values], (ident, msg.header))
         self._check_collective()

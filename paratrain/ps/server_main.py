@@ -17,9 +17,35 @@ from pathlib import Path
 
 import torch
 
-from paratrain.config import Config
+from paratrain.config import Config, ConfigError
 from paratrain.processes import die_with_parent
 from paratrain.ps.server import SECRET_ENV, ParameterServer, shard_file
+
+STATE_KEYS = ("shard", "applied", "known", "retired", "clocks", "staleness", "max_gap")
+
+
+def load_state(path: Path) -> dict:
+    """A server checkpoint file, checked for its structure; ConfigError (one line) when it is
+    missing or cannot be loaded."""
+    fix = "resume from a checkpoint this parameter-server job wrote, or start without checkpoint.resume/path"
+    if not path.is_file():
+        raise ConfigError(f"parameter-server checkpoint {path} is missing; {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else ["everything"]
+        if missing or not isinstance(state["shard"], dict) or "params" not in state["shard"]:
+            raise ValueError(f"no {', '.join(missing) or 'shard parameters'}")
+    except Exception as e:  # noqa: BLE001 - any failure to load is the same user error
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise ConfigError(f"parameter-server checkpoint {path} cannot be loaded ({why}); {fix}") from None
+    return state
+
+
+def check_resume(ckpt_dir: Path | None, n_servers: int) -> None:
+    """Before a job resumes from ``ckpt_dir``: every server's state is there and loads."""
+    if ckpt_dir is not None:
+        for i in range(n_servers):
+            load_state(Path(ckpt_dir) / shard_file(i))
 
 
 def find_resume(run_dir: Path, index: int, job_id: str | None) -> Path | None:
@@ -59,9 +85,10 @@ def run_server(cfg: Config, index: int, endpoint: str, secret: bytes, n_workers:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     resume = find_resume(cfg.run_dir, index, job_id or None) if restart_count > 0 else None
-    if resume is None and initial is not None:
-        f = Path(initial) / shard_file(index)
-        resume = f if f.is_file() else None
+    if resume is None and initial is not None:  # the checkpoint the job started from: never silently skipped
+        resume = Path(initial) / shard_file(index)
+    if resume is not None:
+        load_state(resume)  # a missing or unloadable state is one line, not a crash loop
     server = ParameterServer(cfg, index, endpoint, secret, n_workers, n_servers, restart_count, resume, job_id,
                              log=log, exit_when_done=exit_when_done)
     if on_ready is not None:
@@ -97,9 +124,14 @@ def main(argv: list[str] | None = None) -> int:
               "16 characters", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    run_server(cfg, a.index, a.endpoint, secret.encode(), a.workers, a.servers, restart_count=a.restart_count,
-               initial=Path(a.resume) if a.resume else None, job_id=a.job_id, log_path=Path(a.log) if a.log else None,
-               exit_when_done=a.exit_when_done, on_ready=lambda ep: print(f"READY {ep}", flush=True))
+    try:
+        run_server(cfg, a.index, a.endpoint, secret.encode(), a.workers, a.servers, restart_count=a.restart_count,
+                   initial=Path(a.resume) if a.resume else None, job_id=a.job_id,
+                   log_path=Path(a.log) if a.log else None, exit_when_done=a.exit_when_done,
+                   on_ready=lambda ep: print(f"READY {ep}", flush=True))
+    except ConfigError as e:
+        print(f"paratrain: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -61,6 +61,7 @@ class Shard:
         for k, v in zip(keys, values, strict=True):
             self.view(self.params, k).copy_(v.reshape(-1))
         self.optimizer = self._make_optimizer()
+        self.alias: list[torch.Tensor | None] = [None] * len(self.grads)  # set_grads: received tensors used as-is
         self.version = 0
         self.trackers: list[Any] = []
 
@@ -91,6 +92,35 @@ class Shard:
             _, idx, rows = decoded
             dst.view(key.shape).index_add_(0, idx, rows, alpha=weight)
 
+    def add_grads(self, grads: list[tuple[KeySpec, tuple]], weight: float = 1.0) -> None:
+        """Add ``weight`` x decoded key gradients to the buffers (dense keys in one foreach op)."""
+        dense = [(self.view(self.grads, k), g[1]) for k, g in grads if g[0] == "dense"]
+        if dense:
+            dst, src = zip(*dense, strict=True)
+            torch._foreach_add_(list(dst), list(src), alpha=weight)
+        for k, g in grads:
+            if g[0] != "dense":
+                self.add_grad(k, g, weight)
+
+    def set_grads(self, grads: list[tuple[KeySpec, tuple]]) -> None:
+        """The next :meth:`apply`'s gradient := one push's.  When the push covers every key densely
+        the received tensors are used as they are (a group of one key) or copied straight in."""
+        self.alias = [None] * len(self.grads)
+        if len(grads) == len(self.keys) and all(g[0] == "dense" for _, g in grads):
+            copy = []
+            for k, g in grads:
+                gi = self.slot[k.id][0]
+                if k.numel == self.grads[gi].numel():  # the whole group: no copy at all
+                    self.alias[gi] = g[1]
+                else:
+                    copy.append((self.view(self.grads, k), g[1]))
+            if copy:
+                dst, src = zip(*copy, strict=True)
+                torch._foreach_copy_(list(dst), list(src))
+        else:
+            self.zero_grad()
+            self.add_grads(grads)
+
     def scale_grad(self, factor: float) -> None:
         if factor != 1.0:
             for g in self.grads:
@@ -109,8 +139,11 @@ class Shard:
     def apply(self, lr: float, coef: float = 1.0) -> None:
         """One optimizer step with the accumulated gradient times ``coef``; version += 1."""
         self._copy_on_write()
-        self.scale_grad(coef)
-        self.optimizer.step(self.params, self.grads, lr)
+        grads = [a if a is not None else g for a, g in zip(self.alias, self.grads, strict=True)]
+        self.alias = [None] * len(self.grads)
+        if coef != 1.0:
+            torch._foreach_mul_(grads, coef)
+        self.optimizer.step(self.params, grads, lr)
         self.version += 1
 
     def param_views(self) -> list[torch.Tensor]:

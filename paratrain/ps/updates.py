@@ -8,12 +8,16 @@
   more than ``staleness`` clocks ahead of the slowest live worker.
 
 A push whose clock the server already has (a replay after recovery) is a duplicate: it is
-not applied again, only answered.
+not applied again, only answered.  Every push is validated before it touches any state: a
+finite learning rate in ``[0, LR_MAX]``, a finite weight and clip coefficient, keys of this
+server, sizes that match the key table, and finite gradient values; a push without keys is
+acknowledged but is not an optimizer step (as torch skips parameters without a gradient).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 from typing import Any
@@ -37,6 +41,24 @@ from paratrain.ps.protocol import (
 from paratrain.ps.shard import Shard, clip_coef
 from paratrain.ps.wire import decode_key
 
+LR_MAX = 1e3  # a learning rate above this is taken for a corrupt or hostile message
+WEIGHT_MAX = 1e15  # labelled tokens of one push
+
+
+def _check_value(what: str, v: float, hi: float) -> None:
+    if not (math.isfinite(v) and 0.0 <= v <= hi):
+        raise ProtocolError("bad value", f"{what} {v!r} is not a finite number in [0, {hi:g}]")
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no element of ``tensors`` is NaN or infinite (one fused read pass: the L2 norms,
+    so values beyond ~1e19, whose squares overflow, count as non-finite too)."""
+    ts = [t for t in tensors if t.numel()]
+    if not ts:
+        return True
+    norms = torch._foreach_norm(ts)  # the sum of non-negative norms is finite iff each one is
+    return math.isfinite(float(norms[0] if len(norms) == 1 else torch.stack(norms).sum()))
+
 
 class UpdateRules:
     """Push / APPLY / PULL handling; expects the attributes ParameterServer sets up."""
@@ -47,7 +69,7 @@ class UpdateRules:
 
     def _send_params(self, ident: bytes, req: Header, flags: int = 0, stale: int = 0, gap: int = 0) -> None:
         frames = [tensor_frame(v) for v in self.shard.param_groups()]
-        if self._digest_version != self.shard.version:  # sign each large frame once per version
+        if self.integrity == "mac" and self._digest_version != self.shard.version:  # sign once per version
             self._digests = {i: self.signer.digest(f) for i, f in enumerate(frames) if f.nbytes >= DIGEST_MIN}
             self._digest_version = self.shard.version
         self._reply(ident, req, Msg.PARAMS, frames=frames, digests=self._digests, track=True, flags=flags,
@@ -61,7 +83,12 @@ class UpdateRules:
         return self.shard
 
     def _decode_push(self, msg: Message) -> list[tuple[KeySpec, tuple]]:
-        shard = self._require_shard()
+        """Validated ``(key, decoded gradient)`` pairs of a push (raises ProtocolError)."""
+        shard, h = self._require_shard(), msg.header
+        _check_value("learning rate", h.f0, LR_MAX)
+        _check_value("weight", h.f1, WEIGHT_MAX)
+        if h.flags & Flag.HAS_COEF:
+            _check_value("clip coefficient", h.f2, 1.0)
         tensors = frame_tensors(msg)
         packed = bool(msg.header.flags & Flag.PACKED)
         pack, off = (tensors[0], 0) if packed else (None, 0)
@@ -77,10 +104,16 @@ class UpdateRules:
                 out.append((key, ("dense", pack[off:off + key.numel])))
                 off += key.numel
                 continue
-            out.append((key, decode_key(rec, tensors[i:i + rec.ntensors], key)))
+            if rec.codec == 0 and not rec.flags and rec.ntensors == 1 and tensors[i].dtype == torch.float32 \
+                    and tensors[i].numel() == key.numel:  # plain fp32: the frame itself, no decode
+                out.append((key, ("dense", tensors[i].reshape(-1))))
+            else:
+                out.append((key, decode_key(rec, tensors[i:i + rec.ntensors], key)))
             i += rec.ntensors
         if pack is not None and off != pack.numel():
             raise ProtocolError("wrong length", f"pack frame of {pack.numel()} values, keys use {off}")
+        if not all_finite([g[-1] for _, g in out]):
+            raise ProtocolError("bad value", "non-finite gradient values; update refused")
         return out
 
     def _on_push(self, ident: bytes, msg: Message) -> None:
@@ -102,10 +135,9 @@ class UpdateRules:
         shard = self._require_shard()
         stale = max(0, shard.version - h.version)
         self.staleness[stale] += 1
-        shard.zero_grad()
-        for key, g in grads:
-            shard.add_grad(key, g)
-        shard.apply(h.f0)
+        if grads:  # an empty push is acknowledged, not a step
+            shard.set_grads(grads)
+            shard.apply(h.f0)
         self.clocks.advance(w)
         self.held.append((ident, w, h.seq, stale))
         self._release_held()
@@ -130,8 +162,8 @@ class UpdateRules:
         if not rnd.weights:
             shard.zero_grad()
         weight = h.f1 if h.f1 > 0 else 1.0
-        for key, g in grads:
-            shard.add_grad(key, g, weight)
+        shard.add_grads(grads, weight)
+        self.round_nonempty = self.round_nonempty or bool(grads)
         rnd.add(w, weight)
         rnd.lr = h.f0
         if h.flags & Flag.HAS_COEF:
@@ -160,10 +192,12 @@ class UpdateRules:
         self._next_round()
 
     def _finish_round(self, coef: float) -> None:
-        self.shard.apply(self.round.lr, coef)
+        if self.round_nonempty:  # else every push of the round was empty: no step
+            self.shard.apply(self.round.lr, coef)
 
     def _next_round(self) -> None:
         self.round = SyncRound(self.shard.version + 1)
+        self.round_nonempty = False
         self.round_replies = {}
         self.awaiting_apply = False
         deferred, self.deferred = self.deferred, []
@@ -175,6 +209,7 @@ class UpdateRules:
 
     def _on_apply(self, ident: bytes, msg: Message) -> None:
         h, shard = msg.header, self._require_shard()
+        _check_value("clip coefficient", h.f0, 1.0)
         if self.awaiting_apply and h.clock == self.round.id:
             self._finish_round(h.f0)
             self._send_params(ident, h)

@@ -27,6 +27,7 @@ CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 INFO_FIELDS = {"int8": ("chunk",), "powersgd": ("raw",)}  # codec parameters carried in info0/info1
 CAST = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SPARSE_MAX_FRACTION = 0.5
+INT8_CHUNK_MAX = 1 << 20  # a larger int8 chunk than this (or than the key) is refused: decode pads to it
 
 
 class PushEncoder:
@@ -84,7 +85,8 @@ def decode_key(rec: KeyRecord, tensors: list[torch.Tensor], key: KeySpec):
         if name not in CAST or len(tensors) != 2 or len(key.shape) != 2:
             raise ProtocolError("malformed", f"key {key.id}: bad sparse-rows payload")
         idx, rows = tensors
-        if idx.dtype != torch.int64 or rows.dim() != 2 or rows.shape != (idx.numel(), key.shape[1]):
+        if idx.dtype != torch.int64 or rows.dim() != 2 or rows.shape != (idx.numel(), key.shape[1]) \
+                or idx.numel() > key.shape[0]:
             raise ProtocolError("malformed", f"key {key.id}: sparse rows of shape {tuple(rows.shape)}")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= key.shape[0]):
             raise ProtocolError("malformed", f"key {key.id}: row index out of range")
@@ -96,6 +98,10 @@ def decode_key(rec: KeyRecord, tensors: list[torch.Tensor], key: KeySpec):
     if GradientCompressor is None:
         raise ProtocolError("malformed", f"codec {name} needs paratrain.grad_compression on the server")
     info = dict(zip(INFO_FIELDS.get(name, ()), (rec.info0, rec.info1), strict=False))
+    if name == "int8" and not 1 <= info["chunk"] <= max(key.numel, INT8_CHUNK_MAX):  # decode pads to whole chunks
+        raise ProtocolError("malformed", f"key {key.id}: int8 chunk {info['chunk']} for {key.numel} elements")
+    if name == "powersgd" and info["raw"] not in (0, 1):
+        raise ProtocolError("malformed", f"key {key.id}: powersgd raw flag {info['raw']}")
     try:
         out = codec_decode(Payload(name, key.shape, torch.float32, tensors, info))
     except (RuntimeError, ValueError, IndexError, KeyError) as e:
