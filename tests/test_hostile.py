@@ -27,8 +27,8 @@ import zmq
 from torch import nn
 
 from paratrain.config import Config
-from paratrain.ps.auth import REFUSED, connect_authenticated, credential
-from paratrain.ps.client import PSClient
+from paratrain.ps.auth import REFUSED, credential
+from paratrain.ps.client import PSClient, connect_authenticated
 from paratrain.ps.launch import free_ports
 from paratrain.ps.placement import place
 from paratrain.ps.protocol import (

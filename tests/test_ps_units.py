@@ -14,8 +14,7 @@ import zmq
 from torch import nn
 
 from paratrain.config import Config
-from paratrain.ps.auth import connect_authenticated
-from paratrain.ps.client import PSClient
+from paratrain.ps.client import PSClient, connect_authenticated
 from paratrain.ps.consistency import Clocks, Membership, SyncRound
 from paratrain.ps.launch import free_ports
 from paratrain.ps.placement import ParamInfo, place

@@ -222,31 +222,3 @@ class ClientAuth:
 
 
 REFUSED = b"refused"  # the frame of an AUTH reply that refuses a challenge answer
-
-
-def connect_authenticated(ctx: zmq.Context, endpoint: str, secret: bytes, worker: int, incarnation: int,
-                          timeout_s: float = 10.0) -> tuple[zmq.Socket, bool]:
-    """A DEALER connected to a server and through both steps (for tools and tests that speak
-    the protocol by hand); returns it and whether the server wants MACs.  Raises TimeoutError."""
-    from paratrain.ps.protocol import Flag, Header, Msg, encode, read_header
-
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDTIMEO, 1000)
-    auth = ClientAuth(secret, gate_socket(sock, secret, worker, incarnation))
-    sock.connect(endpoint)
-    sock.send_multipart(encode(None, Header(int(Msg.AUTH), worker=worker, incarnation=incarnation)))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not sock.poll(100):
-            continue
-        parts = sock.recv_multipart()
-        h = read_header(parts[0])
-        if h.type == Msg.AUTH and len(parts) == 2 and (answer := auth.proof(parts[1])) is not None:
-            proof, mac = answer
-            sock.send_multipart(encode(None, Header(int(Msg.AUTH), worker=worker, incarnation=incarnation,
-                                                    flags=int(Flag.PROOF)), frames=[proof]))
-        elif h.type == Msg.REPLY and h.flags & Flag.PROOF:
-            return sock, mac
-    sock.close(linger=0)
-    raise TimeoutError(f"no authenticated connection to {endpoint} within {timeout_s} s")
