@@ -202,89 +202,6 @@ _SECTIONS: dict[str, type] = {
     "debug": DebugConfig,
 }
 
-_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("model", "arch"): ("gpt", "llama", "seq2seq", "bert"),
-    ("data", "verify"): ("sample", "full"),
-    ("data", "boundary"): ("eos", "bos", "bos_eos", "none"),
-    ("data", "packing"): ("concat", "docs"),
-    ("train", "optimizer"): ("adamw", "sgd", "onebit_adam"),
-    ("train", "precision"): ("fp32", "bf16", "fp16"),
-    ("train", "activation_checkpointing"): ("none", "full", "selective", "selective_op"),
-    ("train", "float8"): ("none", "tensorwise", "rowwise"),
-    ("train", "optim_state_dtype"): ("fp32", "bf16"),
-    ("parallel", "sync"): ("allreduce", "ps"),
-    ("parallel", "pp_schedule"): ("gpipe", "1f1b", "interleaved"),
-    ("parallel", "backend"): ("auto", "gloo", "nccl"),
-    ("ps", "mode"): ("sync", "async", "ssp"),
-    ("ps", "transport"): ("tcp", "ipc"),
-    ("ps", "integrity"): ("none", "mac"),
-    ("ps", "optimizer"): ("", "adamw", "sgd"),
-    ("compression", "gradient"): ("none", "fp16", "bf16", "int8", "topk", "powersgd"),
-    ("compression", "int8_rounding"): ("nearest", "stochastic"),
-    ("compression", "powersgd_vectors"): ("fp32", "int8"),
-    ("compression", "powersgd_exchange"): ("allreduce", "allgather"),
-}
-
-# (section, key) -> (min, max) inclusive; None = unbounded
-_RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
-    ("model", "n_layer"): (1, None),
-    ("model", "n_head"): (1, None),
-    ("model", "d_model"): (1, None),
-    ("model", "d_ff"): (1, None),
-    ("model", "vocab_size"): (0, None),
-    ("model", "max_seq_len"): (1, None),
-    ("model", "dropout"): (0.0, 0.99),
-    ("model", "n_dec_layer"): (0, None),
-    ("model", "n_kv_head"): (0, None),
-    ("data", "seq_len"): (2, None),
-    ("data", "batch_size"): (1, None),
-    ("data", "val_fraction"): (0.0, 0.5),
-    ("data", "num_samples"): (1, None),
-    ("data", "task_len"): (1, 64),
-    ("data", "mask_prob"): (0.01, 0.9),
-    ("train", "steps"): (0, None),
-    ("train", "lr"): (0.0, 10.0),
-    ("train", "min_lr_ratio"): (0.0, 1.0),
-    ("train", "momentum"): (0.0, 1.0),
-    ("train", "weight_decay"): (0.0, 10.0),
-    ("train", "warmup_steps"): (0, None),
-    ("train", "grad_clip"): (0.0, None),
-    ("train", "loss_scale"): (1.0, None),
-    ("train", "loss_scale_growth_interval"): (1, None),
-    ("train", "grad_accum"): (1, None),
-    ("train", "eval_every"): (0, None),
-    ("train", "eval_batches"): (1, None),
-    ("train", "log_every"): (1, None),
-    ("train", "hang_timeout_s"): (0.0, None),
-    ("train", "threads"): (0, None),
-    ("parallel", "nproc"): (1, 1024),
-    ("parallel", "dp"): (0, None),
-    ("parallel", "tp"): (1, None),
-    ("parallel", "pp"): (1, None),
-    ("parallel", "zero"): (0, 3),
-    ("parallel", "max_restarts"): (0, 100),
-    ("parallel", "microbatches"): (0, None),
-    ("parallel", "virtual_stages"): (1, None),
-    ("parallel", "bucket_cap_mb"): (0.001, None),
-    ("ps", "servers"): (1, 64),
-    ("ps", "staleness"): (0, None),
-    ("ps", "port"): (0, 65535),
-    ("ps", "heartbeat_s"): (0.01, None),
-    ("ps", "dead_after_s"): (0.05, None),
-    ("ps", "max_message_mb"): (0.001, None),
-    ("compression", "topk_ratio"): (1e-6, 1.0),
-    ("compression", "powersgd_rank"): (1, None),
-    ("compression", "int8_chunk"): (1, None),
-    ("compression", "powersgd_iterations"): (1, None),
-    ("compression", "fallback_factor"): (1.0, None),
-    ("compression", "fallback_window"): (1, None),
-    ("compression", "fallback_steps"): (0, None),
-    ("compression", "warmup_steps"): (0, None),
-    ("checkpoint", "every"): (0, None),
-    ("checkpoint", "keep"): (0, None),
-}
-
-
 @dataclass
 class Config:
     """The whole configuration of one run; docs/config.md lists what each key means."""
@@ -379,8 +296,8 @@ class Config:
                 value = config_checks.coerce(f"{section}.{key}", getattr(obj, key), typ)
                 config_checks.check_finite(section, key, value)
                 setattr(obj, key, value)
-                config_checks.check_field(f"{section}.{key}", value, _CHOICES.get((section, key)),
-                                          _RANGES.get((section, key), (None, None)))
+                config_checks.check_field(f"{section}.{key}", value, config_checks.CHOICES.get((section, key)),
+                                          config_checks.RANGES.get((section, key), (None, None)))
         config_checks.check_combinations(self)
         self._validate_more()
         if own_model:

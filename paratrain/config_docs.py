@@ -89,10 +89,10 @@ def _number(v: float | int) -> str:
 
 
 def _allowed(section: str, key: str) -> str:
-    choices = config._CHOICES.get((section, key))
+    choices = config_checks.CHOICES.get((section, key))
     if choices is not None:
         return " | ".join(toml_value(c) for c in choices)
-    lo, hi = config._RANGES.get((section, key), (None, None))
+    lo, hi = config_checks.RANGES.get((section, key), (None, None))
     if lo is not None and hi is not None:
         return f"{_number(lo)} .. {_number(hi)}"
     if lo is not None:

@@ -310,3 +310,33 @@ def get_spec(name: str, **overrides: Any) -> HardwareSpec:
         raise ValueError(f"unknown gpu type {name!r} (one of {', '.join(GPU_TYPES)})")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return spec.with_(**overrides) if overrides else spec
+
+
+def cpu_busy(interval_s: float = 1.0) -> float:
+    """Fraction of all cores busy over ``interval_s`` (from /proc/stat; 0 where unavailable)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(interval_s)
+        t1, i1 = sample()
+    except OSError:
+        return 0.0
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_quiet(limit_s: float, busy_below: float = 0.2) -> float:
+    """Wait (up to ``limit_s``) until the cores are mostly idle twice in a row; return the last
+    busy fraction.  The machine may be shared: other jobs distort step times."""
+    deadline = time.time() + limit_s
+    quiet, busy = 0, cpu_busy()
+    while time.time() < deadline:
+        busy = cpu_busy(2.0)
+        quiet = quiet + 1 if busy < busy_below else 0
+        if quiet >= 2:
+            break
+    return busy

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from paratrain.config import Config, ConfigError
-from paratrain.planner.calibrate import measure_alloc_bw, measure_cpu
+from paratrain.planner.calibrate import cpu_busy, measure_alloc_bw, measure_cpu, wait_for_quiet
 from paratrain.planner.cost import Layout, Setup, estimate
 from paratrain.planner.flops import ModelSpec, spec_from_config
 from paratrain.planner.hardware import HardwareSpec, describe
@@ -232,36 +232,6 @@ def run_layout(cfg: Config, timeout_s: float = 600.0) -> dict[str, Any]:
         return {"status": "error", "reason": f"timed out after {timeout_s:.0f} s"}
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def cpu_busy(interval_s: float = 1.0) -> float:
-    """Fraction of all cores busy over ``interval_s`` (from /proc/stat; 0 where unavailable)."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:]]
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-        return sum(vals), idle
-
-    try:
-        t0, i0 = sample()
-        time.sleep(interval_s)
-        t1, i1 = sample()
-    except OSError:
-        return 0.0
-    return 1.0 - (i1 - i0) / max(1, t1 - t0)
-
-
-def wait_for_quiet(limit_s: float, busy_below: float = 0.2) -> float:
-    """Wait (up to ``limit_s``) until the cores are mostly idle twice in a row; return the last
-    busy fraction.  The machine may be shared: other jobs distort step times."""
-    deadline = time.time() + limit_s
-    quiet, busy = 0, cpu_busy()
-    while time.time() < deadline:
-        busy = cpu_busy(2.0)
-        quiet = quiet + 1 if busy < busy_below else 0
-        if quiet >= 2:
-            break
-    return busy
 
 
 def _calibrated(base: Config, spec: ModelSpec, config_path: str | None, threads: int, procs: int, micro: int,
