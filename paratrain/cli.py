@@ -44,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from paratrain.config_docs import render_help
+    from paratrain.config_docs import render_help  # only `train --help` needs the key reference
 
     p.usage = "%(prog)s [-c CONFIG] [--json] [--section.key=VALUE | --section.key VALUE ...]"
     p.epilog = render_help()
@@ -75,7 +75,7 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from paratrain.training.launch import launch
+    from paratrain.training.launch import launch  # torch: loaded when a verb needs it, so `paratrain -h` is instant
 
     cfg = Config.load(args.config, args.overrides)
     summary = launch(cfg)
@@ -105,7 +105,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from paratrain.data import Corpus, open_corpus, prepare
+    from paratrain.data import Corpus, open_corpus, prepare  # torch and numpy, for this verb only
     from paratrain.data.sources import text_files
 
     src = args.source

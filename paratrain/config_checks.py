@@ -175,7 +175,7 @@ def check_data_keys(cfg: Config) -> None:
         if cfg.parallel.meta_init:
             raise ConfigError("model.init_from loads weights into a model built in memory; set "
                               "parallel.meta_init = false")
-        from paratrain.hf import check_init_from
+        from paratrain.hf import check_init_from  # torch and safetensors, only when init_from is set
 
         check_init_from(m)
 

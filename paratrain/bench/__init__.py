@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from paratrain.bench.comm import OPS, CommBench, memcpy_gbps
 from paratrain.config import ConfigError
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30}
@@ -61,7 +62,6 @@ def parse_sizes(spec: str, factor: int) -> list[int]:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    from paratrain.bench.comm import OPS
 
     ops = list(OPS) if args.ops == "all" else [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
@@ -83,7 +83,6 @@ def rank_main(opts: dict[str, Any]) -> dict[str, Any] | None:
     import torch
     import torch.distributed as dist
 
-    from paratrain.bench.comm import CommBench, memcpy_gbps
 
     torch.set_num_threads(1)
     use_cuda = torch.cuda.is_available() and opts["backend"] != "gloo"

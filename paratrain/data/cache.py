@@ -19,6 +19,7 @@ from typing import Any
 from paratrain.data.prepare import prepare
 from paratrain.data.shards import META, VERSION, read_meta
 from paratrain.data.sources import open_corpus
+from paratrain.data.tokenizer import HFTokenizer
 from paratrain.fileio import sha256_file
 
 
@@ -57,7 +58,6 @@ def cached_corpus(source: str, tokenizer: str = "byte", bpe_vocab: int = 8192, m
     if tokenizer == "bpe":
         spec["bpe_vocab"] = bpe_vocab
     if tokenizer.startswith("hf:"):
-        from paratrain.data.tokenizer import HFTokenizer
 
         spec["tokenizer_sha256"] = sha256_file(HFTokenizer._file(tokenizer[3:]))
     if corpus.kind != "text":

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from paratrain.config import Config, ConfigError
 from paratrain.data.cache import corpus_for
+from paratrain.data.packing import DocWindows
 from paratrain.data.shards import TokenStream
 from paratrain.data.tasks import IGNORE_INDEX, TaskDataset, derive_seed
 from paratrain.data.tokenizer import ByteTokenizer, Tokenizer, special_ids
@@ -231,7 +232,6 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> DataBundle:
             )
             task = "mlm"
         elif arch in ("gpt", "llama") and d.packing == "docs":
-            from paratrain.data.packing import DocWindows
 
             train_ds = DocWindows(stream, d.seq_len, "train", d.val_fraction)
             val_ds = DocWindows(stream, d.seq_len, "val", d.val_fraction, bounds=train_ds.bounds)

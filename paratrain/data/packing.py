@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from paratrain.config import ConfigError
 from paratrain.data.shards import TokenStream
 from paratrain.data.tasks import IGNORE_INDEX
 
@@ -61,7 +62,6 @@ class DocWindows(Dataset):
         total = len(self.bounds) - 1
         n_val = max(1, int(total * val_fraction)) if val_fraction > 0 else 0
         if total - n_val < 1:
-            from paratrain.config import ConfigError
 
             raise ConfigError(f"corpus packs into {total} windows of whole documents, too few for training "
                               "plus validation; use more text or data.packing = 'concat'")

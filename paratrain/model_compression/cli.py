@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from paratrain.config import ConfigError
+from paratrain.model_compression.recipe import CompressOptions, compress, resolve_checkpoint
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from paratrain.model_compression.recipe import CompressOptions, compress, resolve_checkpoint
 
     opts = CompressOptions(
         prune=args.prune, prune_method=args.prune_method, rank_by=args.rank_by, nm=args.nm,

@@ -20,6 +20,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from paratrain.config import Config
+from paratrain.grad_compression.onebit_adam import OneBitAdam
+from paratrain.parallel.float8 import register_float8_step_hook
 
 BETAS, EPS = (0.9, 0.95), 1e-8
 
@@ -56,13 +58,11 @@ def make_optimizer(model: nn.Module, cfg: Config, group: Any = None) -> torch.op
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     groups = param_groups(model, cfg)
     if t.optimizer == "onebit_adam":
-        from paratrain.grad_compression.onebit_adam import OneBitAdam
 
         return OneBitAdam(groups, lr=t.lr, betas=BETAS, eps=EPS, clip=t.grad_clip, group=group)
     cls, kw = optimizer_kwargs(cfg, params)
     opt = cls(groups, **kw)
     if t.float8 != "none":
-        from paratrain.parallel.float8 import register_float8_step_hook
 
         register_float8_step_hook(model, opt, cfg)
     return opt

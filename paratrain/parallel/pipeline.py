@@ -35,6 +35,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.tensor import DTensor
 
+from paratrain.models.blocks import DecoderLM
 from paratrain.models.loss import token_loss_sum
 
 
@@ -78,7 +79,6 @@ def partition(weights: list[int], n: int, first_extra: int = 0, last_extra: int 
 
 def splits_natively(model: nn.Module) -> bool:
     """Whether ``model`` is one of paratrain's decoder LMs, which this module splits itself."""
-    from paratrain.models.blocks import DecoderLM
 
     return isinstance(model, DecoderLM)
 

@@ -159,7 +159,7 @@ def plan(args: argparse.Namespace) -> tuple[SearchResult, HardwareSpec]:
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``paratrain plan``."""
     if args.measure:
-        from paratrain.planner.measure import self_check
+        from paratrain.planner.measure import self_check  # torch: the planner itself runs without it
 
         if args.preset or args.layers:
             raise ConfigError("--measure runs a paratrain config on this machine: use -c CONFIG "

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from paratrain.mfu import mfu_from_step
+from paratrain.planner.memory import activation_bytes_per_layer
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 BYTE_VOCAB = 261  # vocab_size = 0 in a paratrain config means the byte tokenizer's 261 symbols
@@ -173,7 +174,6 @@ class ModelSpec:
                                    elem_bytes: int = 2, flash: bool = False) -> float:
         """:func:`paratrain.planner.memory.activation_bytes_per_layer` for this model's layers
         (its d_ff, and for llama the k/v width of grouped-query attention and SwiGLU's tensors)."""
-        from paratrain.planner.memory import activation_bytes_per_layer
 
         h = self.d_model
         return activation_bytes_per_layer(s, b, h, self.n_head, t, sp, recompute, elem_bytes, self.dropout, flash,

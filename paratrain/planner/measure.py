@@ -112,7 +112,7 @@ def calibrate(cfg: Config, spec: ModelSpec, hw: HardwareSpec, threads: int, micr
     import copy
     import threading
 
-    import torch
+    import torch  # calibration runs the model: the rest of the planner never imports torch
 
     from paratrain.data import build_data
     from paratrain.models import build_model
@@ -245,7 +245,7 @@ def _probe_factors(cfg: Config, ml: MeasureLayout, threads: int, micro: int) -> 
     """The 2-rank layer probe's TP / FSDP2 factors for a tp2 or zero3 layout (else none)."""
     if not (ml.tp == 2 or (ml.zero == 3 and ml.nproc == 2)):
         return {}
-    from paratrain.planner.probe import probe_layers
+    from paratrain.planner.probe import probe_layers  # torch.distributed, for the layouts that probe
 
     m = cfg.model
     r = probe_layers(m.d_model, m.n_head, m.d_ff, micro, cfg.data.seq_len, threads)

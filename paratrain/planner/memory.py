@@ -24,8 +24,6 @@ also covers fp32, no dropout, fused (flash) attention and a d_ff other than 4h.
 
 from __future__ import annotations
 
-import math
-
 ZERO_STAGES = (0, 1, 2, 3)
 
 
@@ -116,16 +114,3 @@ def embedding_activation_bytes(s: int, b: int, h: int, vocab: int, t: int = 1, e
     """Output-layer activations on the last stage: final LayerNorm input, LM-head input and the
     logits with their gradient (``logits_bytes`` each; cross-entropy runs in fp32)."""
     return 2.0 * elem_bytes * s * b * h + 2.0 * logits_bytes * s * b * vocab / t
-
-
-def gib(nbytes: float) -> float:
-    return nbytes / float(1 << 30)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def layers_per_stage(n_layers: int, pp: int) -> int:
-    """Layers on the fullest pipeline stage."""
-    return math.ceil(n_layers / pp)

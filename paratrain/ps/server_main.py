@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from paratrain import checkpoint as ckpt
 from paratrain.config import Config, ConfigError
 from paratrain.processes import die_with_parent
 from paratrain.ps.server import SECRET_ENV, ParameterServer, shard_file
@@ -53,7 +54,6 @@ def find_resume(run_dir: Path, index: int, job_id: str | None) -> Path | None:
 
     With ``job_id`` only checkpoints written by that job count (a restart must not pick up a
     previous run's state)."""
-    from paratrain import checkpoint as ckpt
 
     for d in reversed(ckpt.list_checkpoints(run_dir / "checkpoints")):
         f = d / shard_file(index)

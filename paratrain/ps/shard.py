@@ -146,10 +146,6 @@ class Shard:
         self.optimizer.step(self.params, grads, lr)
         self.version += 1
 
-    def param_views(self) -> list[torch.Tensor]:
-        """Current values of every key, in key order (views, no copy)."""
-        return [self.view(self.params, k) for k in self.keys]
-
     def param_groups(self) -> list[torch.Tensor]:
         """The two flat parameter tensors (decay, no decay): what a PARAMS reply sends."""
         return list(self.params)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from paratrain import checkpoint as ckpt
 from paratrain.config import Config
 from paratrain.data.user_data import tokens_in
 from paratrain.models.loss import count_labels
@@ -173,7 +174,6 @@ class PSSync(GradSync):
         self.last_save_clock = w.clock
 
     def load_extra(self, ckpt_dir: Path) -> None:
-        from paratrain import checkpoint as ckpt
 
         self.resume_clock = int(ckpt.load_file(Path(ckpt_dir), "meta.json")["step"])
         self.last_save_clock = self.resume_clock
