@@ -49,9 +49,11 @@ def runs(tmp_path_factory, corpus):
         # sync, AdamW, 2 servers (two-phase clipping); server 1 is SIGKILLed at step 6, checkpoints every 4
         "sync_adamw": run("sync_adamw", *PS2, "--ps.mode=sync", "--ps.servers=2", "--checkpoint.every=4",
                           "--debug.kill_server=1", "--debug.kill_server_at_step=6"),
-        # async, 2 servers, ipc transport, fp16 gradients; worker 1 is SIGKILLed before step 5
+        # async, 2 servers, ipc transport, fp16 gradients; worker 1 is SIGKILLed before step 5;
+        # rank 0 slowed a little so the run outlasts a few heartbeats (they carry per-worker stats)
         "async": run("async", *PS2, "--ps.mode=async", "--ps.servers=2", "--ps.transport=ipc",
-                     "--compression.gradient=fp16", "--debug.kill_rank=1", "--debug.kill_at_step=5"),
+                     "--compression.gradient=fp16", "--debug.kill_rank=1", "--debug.kill_at_step=5",
+                     "--debug.delay_rank=0", "--debug.delay_ms=25"),
         # ssp, staleness 1, worker 1 slowed down
         "ssp": run("ssp", *PS2, "--ps.mode=ssp", "--ps.staleness=1", "--debug.delay_rank=1", "--debug.delay_ms=60"),
     }
@@ -80,6 +82,10 @@ def test_sync_adamw_two_servers_matches_even_across_a_server_crash(runs):
     assert s["ps_server_restarts"] == [0, 1]
     log = (root / "sync_adamw" / "ps" / "server1.log").read_text()
     assert "killing myself" in log and "resumed from" in log and "step_4" in log
+    m = [x for x in metrics(root / "sync_adamw") if "ps_log_mem_bytes" in x]  # the replay log lives on disk
+    assert m and max(x["ps_log_mem_bytes"] for x in m) <= 3 * s["comm_bytes_per_step"] < max(
+        x["ps_log_disk_bytes"] for x in m)
+    assert not (root / "sync_adamw" / "ps" / "pushlog" / "worker0").exists()  # removed when the worker ends
     a, b = losses(root / "ref_adamw"), losses(root / "sync_adamw")
     for step in range(1, STEPS + 1):  # replayed pushes: nothing acknowledged was lost
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])

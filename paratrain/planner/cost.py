@@ -132,25 +132,26 @@ class Estimate:
                 "time_parts_s": dict(self.time_parts)}
 
 
-# paratrain's parameter server on one CPU host (benchmarks/ps_cost.py fits them: 1 worker,
-# 1 server, push + pull of 4 KB and 16 MB): the fixed cost of one push + reply round trip
-# (Python header encode/decode, four ZeroMQ thread hand-offs) and the processing cost per byte
-# of push + pull (HMAC on both ends, decode, update, copy into the model).
+# paratrain's parameter server on one CPU host, fitted by benchmarks/ps_cost.py on CPU time
+# (1 worker, 1 server, push + pull of 4 KB .. 16 MB): the fixed cost of one push + reply round
+# trip (Python header encode/decode, session checks, ZeroMQ hand-offs) and the processing cost
+# per byte of push + pull (MAC on both ends, decode, the update, the copy into the model).
 PS_MSG_S = 1.0e-3
-PS_BYTE_S = 1 / 0.25e9
+PS_BYTE_S = 1 / 0.35e9
 
 
 def ps_exchange_time(push_bytes: float, pull_bytes: float, workers: int, servers: int, bw: float,
                      latency: float, msg_s: float = PS_MSG_S, byte_s: float = PS_BYTE_S) -> float:
     """One worker's push + pull round trip to ``servers`` servers shared by ``workers`` workers.
 
-    Servers work in parallel, each on its ``1/S`` of the keys; a server handles every worker's
-    share in turn (sync: all of them each round), so its half of the per-byte work and its NIC
-    carry ``W/S`` of the bytes."""
+    Half of each cost is the worker's, half a server's.  The worker sends and reads one
+    message per server in turn; servers work in parallel, each on its ``1/S`` of the keys,
+    and handle every worker's share in turn (in sync mode, all of them each round), so a
+    server's half of the per-byte work and its NIC carry ``W/S`` of the bytes."""
     total = push_bytes + pull_bytes
     share = workers * total / max(1, servers)
-    wire = max(total / bw, share / bw) + 2 * latency
-    return msg_s + byte_s * (total + share) / 2 + wire
+    wire = max(total, share) / bw + 2 * latency
+    return msg_s * (1 + max(1, servers)) / 2 + byte_s * (total + share) / 2 + wire
 
 
 def allreduce_time(nbytes: float, n: int, bw: float, latency: float) -> float:
