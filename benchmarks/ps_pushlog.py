@@ -5,7 +5,7 @@ server restart; the log lives on disk (``RUN/ps/pushlog/worker{rank}``) and memo
 the pushes not yet written.  One sync job (2 workers, 1 server, checkpoints every
 ``--every`` steps) runs ``--steps`` steps; rank 0's metrics.jsonl gives, every logged step,
 the log's bytes in memory (the most since the previous log line), its bytes on disk (what an
-in-memory log would hold) and the worker's RSS.  Strict JSON on stdout.
+in-memory log would hold) and the worker's peak RSS so far.  Strict JSON on stdout.
 
     python benchmarks/ps_pushlog.py [--steps 1000] [--every 100] [--json-out FILE]
 """
@@ -54,11 +54,11 @@ def main() -> int:
         "log_mem_bytes_max": max(r["ps_log_mem_bytes"] for r in rows),
         "log_disk_bytes_max": max(r["ps_log_disk_bytes"] for r in rows),
         "in_memory_log_would_hold_max_mb": max(r["ps_log_disk_bytes"] for r in rows) / 2**20,
-        "rss_mb_at_10pct": mid[0]["rss_mb"],
-        "rss_mb_at_end": rows[-1]["rss_mb"],
-        "rss_mb_growth_after_10pct": rows[-1]["rss_mb"] - mid[0]["rss_mb"],
+        "peak_rss_mb_at_10pct": mid[0]["rss_mb"],
+        "peak_rss_mb_at_end": rows[-1]["rss_mb"],
+        "peak_rss_mb_growth_after_10pct": rows[-1]["rss_mb"] - mid[0]["rss_mb"],
         "series": [{"step": r["step"], "log_mem_bytes": r["ps_log_mem_bytes"], "log_disk_bytes": r["ps_log_disk_bytes"],
-                    "rss_mb": round(r["rss_mb"], 1)} for r in rows[:: max(1, len(rows) // 20)]],
+                    "peak_rss_mb": round(r["rss_mb"], 1)} for r in rows[:: max(1, len(rows) // 20)]],
     }
     text = json.dumps(out, indent=1, allow_nan=False)
     if a.json_out:

@@ -136,8 +136,8 @@ class Estimate:
 # (1 worker, 1 server, push + pull of 4 KB .. 16 MB): the fixed cost of one push + reply round
 # trip (Python header encode/decode, session checks, ZeroMQ hand-offs) and the processing cost
 # per byte of push + pull (MAC on both ends, decode, the update, the copy into the model).
-PS_MSG_S = 1.0e-3
-PS_BYTE_S = 1 / 0.35e9
+PS_MSG_S = 0.9e-3
+PS_BYTE_S = 1 / 0.38e9
 
 
 def ps_exchange_time(push_bytes: float, pull_bytes: float, workers: int, servers: int, bw: float,

@@ -108,7 +108,7 @@ class PushLog:
             try:
                 if self._error is None:
                     self._write(e)
-            except OSError as err:
+            except Exception as err:  # noqa: BLE001 - reported by the next append / flush
                 self._error = err
             finally:
                 with self._lock:

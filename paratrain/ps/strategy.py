@@ -43,15 +43,6 @@ WARMUP_STEPS = 3
 STATS_EVERY_S = 2.0  # how often rank 0 fetches every worker's stats for metrics.jsonl
 
 
-def current_rss_mb() -> float:
-    """This process's resident set size now, in MB (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
 class RemoteOptimizer(torch.optim.Optimizer):
     """Holds the learning rate the trainer's schedule sets; the servers apply the updates."""
 
@@ -256,7 +247,7 @@ class PSStrategy(Strategy):
         }
         if w.pushlog is not None:  # replay log: memory holds only pushes not yet written to disk
             ls = w.log_stats()
-            out.update({"ps_log_mem_bytes": ls["mem"], "ps_log_disk_bytes": ls["disk"], "rss_mb": current_rss_mb()})
+            out.update({"ps_log_mem_bytes": ls["mem"], "ps_log_disk_bytes": ls["disk"]})
         self._logs_since_stats += 1
         due = now - self._workers_at > STATS_EVERY_S or self._logs_since_stats >= 10  # a round trip: not every step
         if self.dims.is_main and due:
