@@ -292,7 +292,11 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
         workers, servers = lay.world, max(1, lay.ps_servers)
         # push (fp32, or the codec's payload) + fp32 pull
         push = codecs.payload_bytes(model, setup.compression) if setup.codec != "none" else 4 * psi
-        t_ps = ps_exchange_time(push, 4 * psi, workers, servers, dp_bw, dp_lat)
+        # ZeroMQ over TCP: inside a node that is loopback (never NVLink), whose copy and latency
+        # PS_BYTE_S / PS_MSG_S already contain; across nodes the NIC adds its wire time
+        multi_node = lay.world > hw.devices_per_node
+        bw, lat = (hw.inter_bw, hw.inter_latency) if multi_node else (math.inf, 0.0)
+        t_ps = ps_exchange_time(push, 4 * psi, workers, servers, bw, lat)
         ps_comm = t_ps if setup.ps_mode == "sync" else overlapped(t_ps, m * t_mb_compute, 0.0, True)
     elif d > 1:
         t_ar = allreduce_time(grad_bytes, d, dp_bw, dp_lat)
