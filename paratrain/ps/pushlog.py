@@ -23,6 +23,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ class PushLog:
         if not self.own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)  # a previous process's log: not ours to replay
             self.dir.mkdir(parents=True)
+        weakref.finalize(self, shutil.rmtree, str(self.dir), True)  # also when close() is never called
         self.index: list[tuple[int, int, int]] = []  # (clock, segment, offset), clocks increasing
         self.segments: dict[int, int] = {}  # segment -> largest clock in it
         self.seg = 0
