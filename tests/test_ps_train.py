@@ -44,16 +44,21 @@ def runs(tmp_path_factory, corpus):
 
     out = {
         "ref_sgd": run("ref_sgd", "--parallel.nproc=1", "--data.batch_size=8", "--train.optimizer=sgd"),
-        "ref_adamw": run("ref_adamw", "--parallel.nproc=1", "--data.batch_size=8"),
+        "ref_adamw": run("ref_adamw", "--parallel.nproc=1", "--data.batch_size=8", "--train.eval_every=3"),
         # sync, SGD, 1 server; worker 1 is SIGKILLed before step 12
         "sync_sgd": run("sync_sgd", *PS2, "--ps.mode=sync", "--train.optimizer=sgd", "--debug.kill_rank=1",
                         "--debug.kill_at_step=12", '--ps.secret="user-given-secret-abcdef"'),
-        # sync, AdamW, 2 servers (two-phase clipping); server 1 is SIGKILLed at step 6, checkpoints every 4
+        # sync, AdamW, 2 servers (two-phase clipping); server 1 is SIGKILLed at step 7, checkpoints every 4;
+        # logged every 2 steps and evaluated every 3, so most replies are installed by the next forward
+        # (not by the logged-loss collective) and evals run right after a deferred push
         "sync_adamw": run("sync_adamw", *PS2, "--ps.mode=sync", "--ps.servers=2", "--checkpoint.every=4",
-                          "--debug.kill_server=1", "--debug.kill_server_at_step=6"),
-        # async, 2 servers, ipc transport, fp16 gradients; worker 1 is SIGKILLed before step 5
+                          "--debug.kill_server=1", "--debug.kill_server_at_step=7", "--train.log_every=2",
+                          "--train.eval_every=3"),
+        # async, 2 servers, ipc transport, fp16 gradients; worker 1 is SIGKILLed before step 5;
+        # rank 0 slowed a little so the run outlasts a few heartbeats (they carry per-worker stats)
         "async": run("async", *PS2, "--ps.mode=async", "--ps.servers=2", "--ps.transport=ipc",
-                     "--compression.gradient=fp16", "--debug.kill_rank=1", "--debug.kill_at_step=5"),
+                     "--compression.gradient=fp16", "--debug.kill_rank=1", "--debug.kill_at_step=5",
+                     "--debug.delay_rank=0", "--debug.delay_ms=25"),
         # ssp, staleness 1, worker 1 slowed down
         "ssp": run("ssp", *PS2, "--ps.mode=ssp", "--ps.staleness=1", "--debug.delay_rank=1", "--debug.delay_ms=60"),
     }
@@ -82,9 +87,19 @@ def test_sync_adamw_two_servers_matches_even_across_a_server_crash(runs):
     assert s["ps_server_restarts"] == [0, 1]
     log = (root / "sync_adamw" / "ps" / "server1.log").read_text()
     assert "killing myself" in log and "resumed from" in log and "step_4" in log
+    m = [x for x in metrics(root / "sync_adamw") if "ps_log_mem_bytes" in x]  # the replay log lives on disk
+    assert m and max(x["ps_log_mem_bytes"] for x in m) <= 3 * s["comm_bytes_per_step"] < max(
+        x["ps_log_disk_bytes"] for x in m)
+    assert not (root / "sync_adamw" / "ps" / "pushlog" / "worker0").exists()  # removed when the worker ends
     a, b = losses(root / "ref_adamw"), losses(root / "sync_adamw")
-    for step in range(1, STEPS + 1):  # replayed pushes: nothing acknowledged was lost
+    assert sorted(b) == list(range(2, STEPS + 1, 2))
+    for step in b:  # replayed pushes (read back from the disk log): nothing acknowledged was lost
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    va = {x["step"]: x["val_loss"] for x in metrics(root / "ref_adamw") if "val_loss" in x}
+    vb = {x["step"]: x["val_loss"] for x in metrics(root / "sync_adamw") if "val_loss" in x}
+    assert sorted(vb) == [3, 6, 9, 12, 14]
+    for step in vb:  # evals see the round's parameters, though step() returned before they came back
+        assert abs(va[step] - vb[step]) < 1e-5, (step, va[step], vb[step])
     assert len(s["peak_rss_mb"]) == 4 and min(s["peak_rss_mb"]) > 20  # 2 workers + 2 servers
 
 

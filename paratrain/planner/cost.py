@@ -17,8 +17,10 @@ Per step (``m = B / (dp b)`` micro-batches of ``b`` sequences, ``p`` stages, ``v
   (all but one bucket) where the device overlaps; ZeRO-1/2 move the same volume, ZeRO-3
   all-gathers parameters in forward and backward: 1.5x; a gradient codec replaces the
   all-reduce by its own exchange (planner/codecs.py; encode/decode compute not modelled);
-* parameter server: each worker pushes gradients and pulls parameters; each of ``S``
-  servers moves ``W/S`` of everybody's bytes;
+* parameter server (:func:`ps_exchange_time`): each worker pushes gradients and pulls
+  parameters; a round trip costs a fixed per-message time plus per-byte processing (MAC,
+  decode, update, copy into the model: half on the worker, half on the servers, where each
+  of ``S`` servers handles ``W/S`` of everybody's bytes in turn) plus the wire time;
 * optimizer: a memory-bound pass over the parameters this rank updates;
 * allocation (CPU ZeRO runs only): large buffers are fresh mmaps that page-fault;
 * measured instead of modelled (``plan --measure`` on CPU, planner/probe.py): a 2-way TP
@@ -128,6 +130,28 @@ class Estimate:
                 "memory_gb_per_stage": [m / 1e9 for m in self.memory_per_stage],
                 "memory_parts_gb": {k: v / 1e9 for k, v in self.memory_parts.items()},
                 "time_parts_s": dict(self.time_parts)}
+
+
+# paratrain's parameter server on one CPU host, fitted by benchmarks/ps_cost.py on CPU time
+# (1 worker, 1 server, push + pull of 4 KB .. 16 MB): the fixed cost of one push + reply round
+# trip (Python header encode/decode, session checks, ZeroMQ hand-offs) and the processing cost
+# per byte of push + pull (MAC on both ends, decode, the update, the copy into the model).
+PS_MSG_S = 0.9e-3
+PS_BYTE_S = 1 / 0.38e9
+
+
+def ps_exchange_time(push_bytes: float, pull_bytes: float, workers: int, servers: int, bw: float,
+                     latency: float, msg_s: float = PS_MSG_S, byte_s: float = PS_BYTE_S) -> float:
+    """One worker's push + pull round trip to ``servers`` servers shared by ``workers`` workers.
+
+    Half of each cost is the worker's, half a server's.  The worker sends and reads one
+    message per server in turn; servers work in parallel, each on its ``1/S`` of the keys,
+    and handle every worker's share in turn (in sync mode, all of them each round), so a
+    server's half of the per-byte work and its NIC carry ``W/S`` of the bytes."""
+    total = push_bytes + pull_bytes
+    share = workers * total / max(1, servers)
+    wire = max(total, share) / bw + 2 * latency
+    return msg_s * (1 + max(1, servers)) / 2 + byte_s * (total + share) / 2 + wire
 
 
 def allreduce_time(nbytes: float, n: int, bw: float, latency: float) -> float:
@@ -265,8 +289,12 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
     if lay.sync == "ps":
         workers, servers = lay.world, max(1, lay.ps_servers)
         # push (fp32, or the codec's payload) + fp32 pull
-        nbytes = 4 * psi + (codecs.payload_bytes(model, setup.compression) if setup.codec != "none" else 4 * psi)
-        t_ps = max(nbytes / dp_bw, workers * nbytes / (servers * dp_bw)) + 4 * dp_lat
+        push = codecs.payload_bytes(model, setup.compression) if setup.codec != "none" else 4 * psi
+        # ZeroMQ over TCP: inside a node that is loopback (never NVLink), whose copy and latency
+        # PS_BYTE_S / PS_MSG_S already contain; across nodes the NIC adds its wire time
+        multi_node = lay.world > hw.devices_per_node
+        bw, lat = (hw.inter_bw, hw.inter_latency) if multi_node else (math.inf, 0.0)
+        t_ps = ps_exchange_time(push, 4 * psi, workers, servers, bw, lat)
         ps_comm = t_ps if setup.ps_mode == "sync" else overlapped(t_ps, m * t_mb_compute, 0.0, True)
     elif d > 1:
         t_ar = allreduce_time(grad_bytes, d, dp_bw, dp_lat)

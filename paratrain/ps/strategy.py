@@ -102,6 +102,7 @@ class PSSync(GradSync):
     # ---- setup ----------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
         self.model = model
+        model.register_forward_pre_hook(self._before_forward)
         opt = self.cfg.ps.optimizer or self.cfg.train.optimizer
         self.params, infos = param_infos(model, opt)
         self.layout = place(infos, len(self.endpoints))
@@ -122,13 +123,21 @@ class PSSync(GradSync):
                                    stats_fn=self._worker_stats)
             two_phase = self.mode == "sync" and len(self.endpoints) > 1 and self.cfg.train.grad_clip > 0
             self.worker = PSWorker(self.client, self.layout, self.params, self.encoder, self.mode, two_phase,
-                                   keep_log=self.cfg.checkpoint.every > 0, max_norm=self.cfg.train.grad_clip)
+                                   keep_log=self.cfg.checkpoint.every > 0, max_norm=self.cfg.train.grad_clip,
+                                   log_dir=self.cfg.run_dir / "ps" / "pushlog" / f"worker{self.dims.rank}")
         return self.worker
 
     def _sync_params(self) -> None:
         if not self.synced:
             self._connect().connect(self.resume_clock)
             self.synced = True
+        elif self.mode != "async":
+            self.worker.finish()  # the previous step's reply (sync / ssp: step() did not wait for it)
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook: no forward (eval, user losses) runs before a deferred reply is installed."""
+        if self.synced and self.mode != "async" and self.worker is not None:
+            self.worker.finish()
 
     # ---- per step ---------------------------------------------------------------------------------
     def forward_backward(self, model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
@@ -146,7 +155,9 @@ class PSSync(GradSync):
         norm = 0.0
         if self.mode != "sync":  # sync clips the aggregated gradient on the servers
             norm = self.clip_grad_norm(model, self.cfg.train.grad_clip)
-        self.worker.step(optimizer.param_groups[0]["lr"], self._weight)
+        # sync / ssp: the reply is installed just before the next forward (see _sync_params), so
+        # the round trip overlaps the trainer's bookkeeping and the next batch's loading
+        self.worker.step(optimizer.param_groups[0]["lr"], self._weight, wait=False)
         optimizer.step()  # no-op; keeps the LR scheduler's step-order bookkeeping happy
         self.encoder.observe_loss(self._loss)
         self.comm_bytes = self.client.bytes_sent + self.client.heartbeat_bytes
@@ -231,6 +242,9 @@ class PSSync(GradSync):
             "ps_clock_gap": st.max_gap,
             "compressed": self.encoder.active != "none",
         }
+        if w.pushlog is not None:  # replay log: memory holds only pushes not yet written to disk
+            ls = w.log_stats()
+            out.update({"ps_log_mem_bytes": ls["mem"], "ps_log_disk_bytes": ls["disk"]})
         self._logs_since_stats += 1
         due = now - self._workers_at > STATS_EVERY_S or self._logs_since_stats >= 10  # a round trip: not every step
         if self.dims.is_main and due:
@@ -284,6 +298,7 @@ class PSSync(GradSync):
             with contextlib.suppress(Exception):
                 self.client.stop_heartbeats()  # no heartbeat may follow the LEAVE
                 self.worker.leave()
+            self.worker.close_log()
         if self.client is not None:
             self.client.close()
         self.worker = self.client = None

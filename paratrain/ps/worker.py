@@ -10,19 +10,28 @@ consistency modes' differences:
 * ``async``: push and return at once -- the next step's forward/backward runs while the push
   and the parameter reply travel; the reply is installed before the following push.
 
-Recovery: each push is kept (its encoded frames, learning rate, weight and clip coefficient)
-until the servers have checkpointed past it.  When a server comes back as a new process it
-reports the last clock of ours it has; the worker replays the later pushes in order, so every
-update the worker saw acknowledged is in the restored state.
+With ``wait=False`` (the trainer's path in sync and ssp mode) :meth:`PSWorker.step` returns
+once the push is out, and the reply is installed by :meth:`PSWorker.finish`, which the
+strategy calls just before the next forward: the round trip overlaps the trainer's
+bookkeeping and the next batch's loading, and no forward ever runs on parameters older than
+the mode allows.
+
+Recovery: each completed push (its encoded frames, learning rate, weight and clip
+coefficient) goes to a :class:`~paratrain.ps.pushlog.PushLog` on disk until the servers have
+checkpointed past it.  When a server comes back as a new process it reports the last clock of
+ours it has; the worker reads the later pushes back and replays them in order, so every update
+the worker saw acknowledged is in the restored state.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,32 +41,18 @@ from paratrain.ps.placement import KeySpec, Layout, layout_digest
 from paratrain.ps.protocol import (
     KEY_PACKED,
     Flag,
-    FrameRecord,
-    KeyRecord,
     Message,
     Msg,
     frame_record,
     frame_tensor,
     tensor_frame,
 )
+from paratrain.ps.pushlog import Entry, PushLog
 from paratrain.ps.shard import clip_coef, group_slots
 from paratrain.ps.wire import PushEncoder
 
 log = logging.getLogger("paratrain.ps.worker")
 PACK_BELOW = 1 << 16  # dense fp32 keys smaller than this share one frame
-
-
-@dataclass
-class Entry:
-    """One step's push: everything needed to send it again."""
-
-    clock: int
-    lr: float
-    weight: float
-    bodies: dict[int, tuple[list[KeyRecord], list[FrameRecord], list[Any], bool]]  # server -> desc, frames, packed
-    base: list[int]
-    coef: float | None = None
-    sent_at: float = 0.0
 
 
 @dataclass
@@ -73,7 +68,8 @@ class PSWorker:
     """Pushes, pulls and recovery for the model parameters ``params`` laid out as ``layout``."""
 
     def __init__(self, client: PSClient, layout: Layout, params: list[torch.Tensor], encoder: PushEncoder,
-                 mode: str, two_phase: bool, keep_log: bool, max_norm: float = 0.0):
+                 mode: str, two_phase: bool, keep_log: bool, max_norm: float = 0.0, log_dir: Path | None = None):
+        """``keep_log``: keep pushes for replay, in ``log_dir`` (a private temp dir when None)."""
         self.client, self.layout, self.params, self.encoder = client, layout, params, encoder
         self.mode, self.two_phase, self.keep_log, self.max_norm = mode, two_phase, keep_log, max_norm
         self.servers = list(range(layout.n_servers))
@@ -82,7 +78,7 @@ class PSWorker:
         self.clock = 0  # pushes sent
         self.clock_done = 0  # pushes whose reply was installed
         self.versions = [0] * layout.n_servers
-        self.log: list[Entry] = []
+        self.pushlog = PushLog(log_dir) if keep_log else None
         self.inflight: dict[int, int] = {}
         self.current: Entry | None = None
         self.stats = StepStats()
@@ -177,22 +173,22 @@ class PSWorker:
                                 version=e.base[i], key_start=start, key_count=count, flags=int(flags),
                                 f0=e.lr, f1=e.weight, f2=e.coef or 0.0)
 
-    def step(self, lr: float, weight: float) -> None:
-        """Push this step's gradients (then drop them) and install fresh parameters per the mode."""
+    def step(self, lr: float, weight: float, wait: bool = True) -> None:
+        """Push this step's gradients (then drop them) and install fresh parameters per the mode.
+
+        ``async`` never waits here (the reply is installed before the next push); with
+        ``wait=False`` sync and ssp do not either: call :meth:`finish` before the parameters
+        are next used."""
         e = self._encode(lr, weight)
         for p in self.params:
             p.grad = None
-        if self.mode == "async":
-            self.finish()
-            self._start(e)
-            return
+        self.finish()
         self._start(e)
-        self._complete()
+        if wait and self.mode != "async":
+            self._complete()
 
     def _start(self, e: Entry) -> None:
         self.current = e
-        if self.keep_log:
-            self.log.append(e)
         self.inflight = {i: self._send_push(i, e) for i in self.servers}
 
     def _complete(self) -> None:
@@ -214,6 +210,8 @@ class PSWorker:
         self.inflight = {}
         self.clock_done = e.clock
         self.stats.pushes += 1
+        if self.pushlog is not None:  # acknowledged: kept (on disk) until the servers checkpoint it
+            self.pushlog.append(e)
 
     def finish(self) -> None:
         """Complete the push in flight, if any (async mode)."""
@@ -250,24 +248,41 @@ class PSWorker:
             applied = self.clock_done
         else:
             applied = int(meta["applied"])
-        entries = self.log if self.keep_log else ([self.current] if self.current else [])
         last: tuple[Entry, Message] | None = None
-        for e in entries:
-            if e.clock <= applied or (self.two_phase and e.coef is None):
-                continue
+        replayed = 0
+        for e in self._replayable(applied):
             rep = self.client.wait({i: self._send_push(i, e)})[i]
             if rep == RESTARTED:
                 return self.recover(i)
-            last = (e, rep)
+            last, replayed = (e, rep), replayed + 1
             if rep.type == Msg.PARAMS:
                 self._install(i, rep)
-        log.warning("server %d recovered: it had our clock %d, replayed %d push(es)", i, applied,
-                    sum(1 for e in entries if e.clock > applied and not (self.two_phase and e.coef is None)))
-        return last[1] if last is not None and last[0] is self.current else None
+        log.warning("server %d recovered: it had our clock %d, replayed %d push(es)", i, applied, replayed)
+        return last[1] if last is not None and last[0] is self.current and self.inflight else None
+
+    def _replayable(self, applied: int) -> Iterator[Entry]:
+        """Pushes the restarted server lacks, oldest first: the logged ones (read back from
+        disk), then the push in flight (logged only once complete)."""
+        done = applied
+        logged = self.pushlog.entries_after(applied) if self.pushlog is not None else iter(())
+        for e in itertools.chain(logged, [self.current] if self.current is not None else []):
+            if e.clock > done and not (self.two_phase and e.coef is None):
+                done = e.clock
+                yield e
 
     def trim(self, upto: int) -> None:
         """Forget pushes the servers have checkpointed (clock <= ``upto``)."""
-        self.log = [e for e in self.log if e.clock > upto]
+        if self.pushlog is not None:
+            self.pushlog.trim(upto)
+
+    def log_stats(self) -> dict[str, int]:
+        """Push-log bytes in memory (the most since the last call) and on disk now."""
+        lg = self.pushlog
+        if lg is None:
+            return {}
+        out = {"mem": lg.peak_mem_bytes, "disk": lg.disk_bytes}
+        lg.peak_mem_bytes = lg.mem_bytes
+        return out
 
     # ---- other requests ----------------------------------------------------------------------------
     def request(self, i: int, mtype: Msg, meta: dict[str, Any]) -> dict[str, Any]:
@@ -289,3 +304,9 @@ class PSWorker:
             self.client.wait(pending, timeout=5.0)
         except PSError:
             pass
+        self.close_log()
+
+    def close_log(self) -> None:
+        """Delete the push log (the worker is done with it)."""
+        if self.pushlog is not None:
+            self.pushlog.close()
