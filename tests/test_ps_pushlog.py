@@ -58,7 +58,7 @@ def test_memory_stays_bounded_and_disk_is_trimmed_per_checkpoint(tmp_path):
 
 def test_replay_from_the_spilled_log_restores_the_uninterrupted_state(tmp_path):
     """40 async pushes, checkpoint at 8, crash at 36: 28 pushes come back from disk."""
-    cfg = cfg_for("async", **{"train.optimizer": "adamw", "train.weight_decay": 0.1})
+    cfg = cfg_for("async", **{"train.optimizer": "adamw", "train.weight_decay": 0.1, "run.dir": f'"{tmp_path}"'})
     endpoint = f"tcp://127.0.0.1:{free_ports('127.0.0.1', 1)[0]}"
 
     def run(crash: bool) -> tuple[list[torch.Tensor], dict]:
