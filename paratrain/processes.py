@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import signal
+import subprocess
+import time
+from collections.abc import Sequence
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -19,3 +22,17 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 def describe_exit(code: int) -> str:
     """How a child process ended, in words (the one place failures are described)."""
     return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def stop_processes(procs: Sequence[subprocess.Popen], grace_s: float = 3.0) -> None:
+    """SIGTERM every process still running, then SIGKILL what is left after ``grace_s``."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.01, deadline - time.monotonic()))
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 from paratrain import checkpoint as ckpt
 from paratrain.config import Config, ConfigError
-from paratrain.processes import die_with_parent
+from paratrain.processes import die_with_parent, stop_processes
 from paratrain.ps.server_main import check_resume, run_server
 from paratrain.ps.strategy import ENDPOINTS_ENV, SECRET_ENV
 
@@ -139,17 +138,7 @@ class ServerGroup:
         """Terminate every server (SIGTERM, then SIGKILL after 3 s); idempotent."""
         self.stopping.set()
         with self.lock:
-            procs = [p for p in self.procs if p is not None]
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            deadline = time.monotonic() + 3.0
-            for p in procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=max(0.01, deadline - time.monotonic()))
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+            stop_processes([p for p in self.procs if p is not None])
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
 

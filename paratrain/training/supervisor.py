@@ -15,7 +15,6 @@ Workers get ``PR_SET_PDEATHSIG``: a launcher killed with SIGKILL takes its worke
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import subprocess
@@ -26,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from paratrain.processes import describe_exit, die_with_parent
+from paratrain.processes import describe_exit, die_with_parent, stop_processes
 
 WORKER_MODULE = "paratrain.training.worker_main"
 POLL_S = 0.1
@@ -43,20 +42,6 @@ class JobResult:
     @property
     def ok(self) -> bool:
         return not self.failures
-
-
-def _stop(procs: Sequence[subprocess.Popen], grace_s: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace_s``, every process still running."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=max(0.01, deadline - time.monotonic()))
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 class Supervisor:
@@ -118,7 +103,7 @@ class Supervisor:
                     return {}
                 time.sleep(POLL_S)
         finally:
-            _stop(list(procs.values()))
+            stop_processes(list(procs.values()))
 
     def _run_each(self) -> JobResult:
         procs = {r: self.spawn(r, 0, None) for r in range(self.nproc)}
@@ -146,5 +131,5 @@ class Supervisor:
                         break
                     print(f"paratrain: worker {r} {why}; the others go on without it", file=sys.stderr)
         finally:
-            _stop(list(procs.values()), grace_s=0.0)
+            stop_processes(list(procs.values()), grace_s=0.0)
         return JobResult(failures, max(restarts.values(), default=0), fatal=0 in failures)
