@@ -70,7 +70,7 @@ def simulate(cfg, workers: int, eval_batches: int, tune: dict | None = None) -> 
     from paratrain.grad_compression.hooks import allgather_bytes, ring_allreduce_bytes
     from paratrain.models import build_model
     from paratrain.models.loss import eval_stats, lm_loss_sum
-    from paratrain.parallel.sync import make_optimizer
+    from paratrain.parallel.optim import make_optimizer
     from paratrain.training.trainer import lr_lambda
 
     tune = tune or {}

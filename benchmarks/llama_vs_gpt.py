@@ -19,13 +19,14 @@ bytes per token and val loss per byte (nats).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_io import stdout_to_stderr  # noqa: E402 - benchmarks/, next to this script
 
 from paratrain.config import Config  # noqa: E402
 from paratrain.data import build_data, cached_corpus  # noqa: E402
@@ -46,23 +47,9 @@ def bytes_per_token(cfg: Config) -> float:
     return nbytes / tokens
 
 
-@contextlib.contextmanager
-def progress_to_stderr():
-    """Training progress (the launcher's and its workers') goes to stderr: stdout is the JSON."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def train(config: str, out: Path, name: str, *extra: str) -> dict:
     cfg = Config.load(ROOT / "configs" / config, [f'--run.dir="{out / name}"', "--checkpoint.keep=0", *extra])
-    with progress_to_stderr():
+    with stdout_to_stderr():
         summary = launch(cfg)
     if summary.get("status") != "ok":
         raise SystemExit(f"{name} failed: {summary}")

@@ -19,7 +19,6 @@ issue 6: int8 >= 3x smaller and >= 1.7x faster at batch 16 with val loss +<= 2% 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -31,6 +30,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_io import stdout_to_stderr  # noqa: E402 - benchmarks/, next to this script
 
 import paratrain.model_compression.distill as D  # noqa: E402
 import paratrain.model_compression.pruning as P  # noqa: E402
@@ -48,20 +49,6 @@ from paratrain.model_compression.recipe import (  # noqa: E402
 from paratrain.training.launch import launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Progress lines (this process and its children) go to stderr: stdout stays one JSON object."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def train_if_needed(name: str, run_dir: Path, config: Path | None, overrides: list[str]) -> Path:

@@ -23,7 +23,6 @@ planner's built-in constants.  Strict JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_io import emit_json  # noqa: E402 - benchmarks/, next to this script
 
 from paratrain.config import Config  # noqa: E402
 from paratrain.planner.cost import PS_BYTE_S, PS_MSG_S, ps_exchange_time  # noqa: E402
@@ -138,10 +139,7 @@ def main() -> int:
            "planner_defaults": {"msg_s": PS_MSG_S, "byte_s": PS_BYTE_S, "gb_s": 1 / PS_BYTE_S / 1e9}}
     for name, best in (("cpu", cpu), ("wall", wall)):
         out[name] = fit_and_check(best, sizes)
-    text = json.dumps(out, indent=1, allow_nan=False)
-    if a.json_out:
-        Path(a.json_out).write_text(text)
-    print(text)
+    emit_json(out, a.json_out)
     return 0
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_io import emit_json  # noqa: E402 - benchmarks/, next to this script
+
 from paratrain.config import Config  # noqa: E402
 from paratrain.training.launch import launch  # noqa: E402
 
@@ -60,10 +62,7 @@ def main() -> int:
         "series": [{"step": r["step"], "log_mem_bytes": r["ps_log_mem_bytes"], "log_disk_bytes": r["ps_log_disk_bytes"],
                     "peak_rss_mb": round(r["rss_mb"], 1)} for r in rows[:: max(1, len(rows) // 20)]],
     }
-    text = json.dumps(out, indent=1, allow_nan=False)
-    if a.json_out:
-        Path(a.json_out).write_text(text)
-    print(text)
+    emit_json(out, a.json_out)
     return 0
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_io import emit_json, stdout_to_stderr  # noqa: E402 - benchmarks/, next to this script
+
 from paratrain.config import Config  # noqa: E402
 from paratrain.training.launch import launch  # noqa: E402
 
@@ -72,7 +74,7 @@ def main() -> int:
         if name not in best or r["samples_per_s"] > best[name]["samples_per_s"]:
             best[name] = r
 
-    with tempfile.TemporaryDirectory(prefix="ps-straggler-") as tmp:
+    with stdout_to_stderr(), tempfile.TemporaryDirectory(prefix="ps-straggler-") as tmp:
         root = Path(tmp)
         for rep in range(a.repeats):  # configurations interleaved, so load drifts hit all of them
             keep("ddp0", run(root, f"ddp-{rep}", a.steps, "--train.log_every=10"))
@@ -108,10 +110,7 @@ def main() -> int:
                for name, r in runs.items()},
         },
     }
-    text = json.dumps(out, indent=1, allow_nan=False)
-    if a.json_out:
-        Path(a.json_out).write_text(text)
-    print(text)
+    emit_json(out, a.json_out)
     return 0
 
 

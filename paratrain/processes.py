@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import subprocess
 import time
 from collections.abc import Sequence
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one rank of a job torchrun (or paratrain's supervisor) started."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def restart_count() -> int:
+    """How many times this rank's job has been restarted (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:

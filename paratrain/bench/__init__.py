@@ -19,6 +19,7 @@ from typing import Any
 
 from paratrain.bench.comm import OPS, CommBench, memcpy_gbps
 from paratrain.config import ConfigError
+from paratrain.processes import under_torchrun
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30}
 
@@ -166,8 +167,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     opts = _options(args)
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if under_torchrun:
+    if under_torchrun():
         result = rank_main(opts)
         if result is None:
             return 0

@@ -6,7 +6,8 @@ layout (ranks, mesh, groups, collectives)."""
 from __future__ import annotations
 
 from paratrain.parallel.dims import ParallelDims
+from paratrain.parallel.optim import make_optimizer
 from paratrain.parallel.parallelize import make_sync, parallelize
-from paratrain.parallel.sync import GradSync, make_optimizer, unwrap
+from paratrain.parallel.sync import GradSync, unwrap
 
 __all__ = ["GradSync", "ParallelDims", "make_optimizer", "make_sync", "parallelize", "unwrap"]

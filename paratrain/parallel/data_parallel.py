@@ -11,7 +11,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from paratrain.grad_compression.hooks import register_compression_hook, ring_allreduce_bytes
 from paratrain.parallel.dims import ParallelDims
-from paratrain.parallel.sync import GradSync, make_optimizer
+from paratrain.parallel.optim import make_optimizer
+from paratrain.parallel.sync import GradSync
 
 
 def keep_local(state, bucket):  # no annotations: DDP compares them to dist.GradBucket at run time

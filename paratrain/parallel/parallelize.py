@@ -80,8 +80,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Con
     if dims.pp > 1:  # 1. pipeline split; 2-3 per stage
         model = _pipeline(model, dims, spec, cfg, sync)
     else:
-        fsdp = dims.dp > 1 and cfg.parallel.sync != "ps" and isinstance(sync, ModelParallelSync)
-        model = _tp_and_ac(model, dims, spec, cfg, fsdp)  # 2-4
+        model = _stage_steps(model, dims, spec, cfg, _uses_fsdp(dims, cfg, sync))  # 2-4
         model = _data_parallel(model, dims, spec, cfg, sync)  # 5
     if meta:
         materialize(model, dims.device, cfg.run.seed)
@@ -89,7 +88,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Con
     return model
 
 
-def _tp_and_ac(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Config, fsdp: bool = False) -> nn.Module:
+def _stage_steps(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Config, fsdp: bool = False) -> nn.Module:
     """Steps 2-4 on the whole model or on one pipeline stage (``fsdp``: step 5 will shard it)."""
     if dims.tp > 1:
 
@@ -121,22 +120,24 @@ def _pipeline(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Confi
             raise ConfigError(f"pipeline parallel splits paratrain's decoder LMs (GPT, Llama), not "
                               f"{type(model).__name__}; use tp or zero for this model")
         runner = PipelineRunner(model, dims, p.pp_schedule, m, p.virtual_stages,
-                                lambda chunk: _tp_and_ac(chunk, dims, spec, cfg))
+                                lambda chunk: _stage_steps(chunk, dims, spec, cfg))
     sync.pipe = runner
     return PipelineModel(runner.chunks)
 
 
+def _uses_fsdp(dims: ParallelDims, cfg: Config, sync: GradSync) -> bool:
+    """Whether step 5 shards this (unpipelined) layout with FSDP2 rather than DDP or nothing."""
+    return dims.dp > 1 and cfg.parallel.sync != "ps" and isinstance(sync, ModelParallelSync)
+
+
 def _data_parallel(model: nn.Module, dims: ParallelDims, spec: LayoutSpec, cfg: Config, sync: GradSync) -> nn.Module:
-
     p = cfg.parallel
-    if dims.dp == 1 or p.sync == "ps":
-        return model
-    if isinstance(sync, ModelParallelSync):
-
+    if _uses_fsdp(dims, cfg, sync):
         # TP's gathered logits are a view; the trainer never modifies them in place
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         apply_fsdp(model, spec.blocks(model), dims.axis_mesh("dp"), p.zero, p.cpu_offload, cfg.train.precision)
         sync.fsdp = True
         return model
-
+    if dims.dp == 1 or p.sync == "ps":
+        return model
     return wrap_ddp(model, dims, p.bucket_cap_mb)

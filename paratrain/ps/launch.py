@@ -33,7 +33,7 @@ from typing import Any
 
 from paratrain import checkpoint as ckpt
 from paratrain.config import Config, ConfigError
-from paratrain.processes import die_with_parent, stop_processes
+from paratrain.processes import die_with_parent, restart_count, stop_processes
 from paratrain.ps.server_main import check_resume, run_server
 from paratrain.ps.strategy import ENDPOINTS_ENV, SECRET_ENV
 
@@ -193,7 +193,7 @@ def run_torchrun_role(cfg: Config) -> dict[str, Any] | None:
     master, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     store = dist.TCPStore(master, port, is_master=False, timeout=datetime.timedelta(seconds=300))
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "job")
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    restarts = restart_count()
     prefix = f"paratrain/ps/{run_id}/{restarts}"
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     if rank < n_servers:

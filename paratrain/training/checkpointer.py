@@ -16,7 +16,6 @@ rename).  What goes in:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from paratrain import checkpoint as ckpt
 from paratrain.parallel import dist_checkpoint
 from paratrain.parallel.dims import ParallelDims
 from paratrain.parallel.sync import unwrap
+from paratrain.processes import restart_count
 
 
 class Checkpointer:
@@ -105,7 +105,7 @@ class Checkpointer:
     def resume_point(self, path: str, resume: bool) -> Path | None:
         """The checkpoint to start from: ``checkpoint.path``, else the newest one when resuming
         (asked for, or after a restart by the supervisor)."""
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        restarted = restart_count() > 0
         if path:
             return Path(path)
         if resume or restarted:

@@ -32,17 +32,13 @@ from paratrain.config import Config, ConfigError
 from paratrain.data import corpus_for
 from paratrain.doctor import multi_host_warning
 from paratrain.parallel.sharding import MALLOC_ENV
+from paratrain.processes import under_torchrun
 from paratrain.ps.launch import local_servers, run_torchrun_role
 from paratrain.training import rundir
 from paratrain.training.handoff import read_error, save_injected
 from paratrain.training.supervisor import JobResult, Supervisor
 from paratrain.training.trainer import run_worker, write_summary
 from paratrain.training.watchdog import read_diagnosis
-
-
-def under_torchrun() -> bool:
-    """Whether this process is one rank of a job torchrun (or another launcher) started."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -96,26 +92,29 @@ def _launch(cfg: Config, injected: dict[str, Any]) -> dict[str, Any]:
                 return server_summary
         return run_worker(cfg, start_time=start_time, **injected)
     if cfg.parallel.nproc == 1 and cfg.parallel.sync != "ps":
-        check_resume(cfg)
-        prepare_run_dir(cfg)
-        if own_data:
-            prepare_data(cfg)
+        _prepare(cfg, own_data)
         return run_worker(cfg, start_time=start_time, **injected)
     handoff = Path(tempfile.mkdtemp(prefix="paratrain-handoff-"))
     try:
         args = ["--start-time", repr(start_time), "--handoff", str(handoff)]
         if injected:  # first: an object that cannot go to the workers is an error before anything is written
             args += ["--injected", str(save_injected(handoff, injected, cfg.parallel.nproc))]
-        check_resume(cfg)
-        run_dir = prepare_run_dir(cfg)
-        if own_data:
-            prepare_data(cfg)
+        run_dir = _prepare(cfg, own_data)
         result = _run_local_job(cfg, run_dir, args)
         if (error := read_error(handoff)) is not None and not result.ok:
             raise ConfigError(error)
     finally:
         shutil.rmtree(handoff, ignore_errors=True)
     return _job_summary(run_dir, result, start_time)
+
+
+def _prepare(cfg: Config, own_data: bool) -> Path:
+    """The launcher's one-time work before training: verify a resume, write the run dir, build the token cache."""
+    check_resume(cfg)
+    run_dir = prepare_run_dir(cfg)
+    if own_data:
+        prepare_data(cfg)
+    return run_dir
 
 
 def _warn_multi_host() -> None:

@@ -27,14 +27,11 @@ import torch
 
 from paratrain.fileio import write_json_atomic
 from paratrain.mfu import honest_peak, mfu
+from paratrain.processes import restart_count
 from paratrain.training.metrics import peak_rss_mb
 from paratrain.training.watchdog import start_watchdog
 
 GOODPUT_FILE = "goodput.json"
-
-
-def restart_count() -> int:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 class Goodput:

@@ -31,6 +31,7 @@ from typing import Any
 from paratrain import checkpoint as ckpt
 from paratrain.config import Config, ConfigError
 from paratrain.config_checks import check_runtime
+from paratrain.processes import restart_count, under_torchrun
 
 LOCK_FILE = ".lock"
 # what run.overwrite = true removes: paratrain's own outputs, never anything else in the directory
@@ -41,10 +42,6 @@ OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "goodput.json", "good
 _held: dict[Path, tuple[int, int, Path | None]] = {}
 
 
-def _under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 @contextlib.contextmanager
 def hold(cfg: Config) -> Iterator[dict[str, Any] | None]:
     """The launch's hold on ``cfg.run_dir`` (see the module docstring).
@@ -52,14 +49,14 @@ def hold(cfg: Config) -> Iterator[dict[str, Any] | None]:
     Yields the saved summary when a resumed run is already finished (the caller then returns it
     without training), else None.  Every process of a torchrun job enters; rank 0 locks."""
     check_runtime(cfg)
-    if _under_torchrun():
+    if under_torchrun():
         if int(os.environ["RANK"]) != 0:
             yield finished(cfg)
             return
     run_dir = cfg.run_dir
     key = _acquire(run_dir)
     try:
-        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:  # a restart continues its own run
+        if restart_count() == 0:  # a restart continues its own run
             _check_fresh(cfg)
         yield finished(cfg)
     finally:

@@ -23,6 +23,7 @@ from paratrain.data.user_data import IterableBatches, UserData, train_source, us
 from paratrain.hf import init_from as hf_init_from
 from paratrain.models import build_model
 from paratrain.parallel.compile import token_loss_for
+from paratrain.parallel.memory_policy import blocks_of
 from paratrain.parallel.meta_init import build_on_meta
 from paratrain.parallel.tensor_parallel import model_plan
 from paratrain.training.user_model import (
@@ -35,17 +36,6 @@ from paratrain.training.user_model import (
     output_loss,
     resolve_model,
 )
-
-
-def own_blocks(model: nn.Module) -> list[nn.Module]:
-    """paratrain's models (and pipeline chunks of them) name their blocks: ``layer_modules()``."""
-    return [b for b in model.layer_modules() if b is not None]
-
-
-def own_tp_plan(model: nn.Module, loss_parallel: bool) -> dict[str, Any]:
-    """The tensor-parallel plan paratrain's models share (see :mod:`paratrain.parallel.tensor_parallel`)."""
-
-    return model_plan(model, loss_parallel)
 
 
 @dataclass
@@ -65,8 +55,8 @@ class RunSpec:
     model_factory: Callable[[], nn.Module]
     data: Any  # DataBundle | UserData: this rank's training batches, vocab and task
     loss: Any = None
-    blocks: Callable[[nn.Module], list[nn.Module]] = own_blocks
-    tp_plan: Callable[[nn.Module, bool], dict[str, Any]] | None = own_tp_plan
+    blocks: Callable[[nn.Module], list[nn.Module]] = blocks_of  # paratrain's models: layer_modules()
+    tp_plan: Callable[[nn.Module, bool], dict[str, Any]] | None = model_plan  # the plan paratrain's models share
     pp_split: list[str] | None = None
     val_source: Callable[[int, int], list | None] = field(default=lambda bs, n: None)
     settle: Callable[[RunSpec, nn.Module], None] | None = None  # completes a spec once its model exists

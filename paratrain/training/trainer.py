@@ -25,6 +25,7 @@ from paratrain.fileio import write_json_atomic
 from paratrain.mfu import compute_dtype, flops_per_token
 from paratrain.models import count_params
 from paratrain.parallel import GradSync, ParallelDims, make_sync, parallelize
+from paratrain.processes import restart_count
 from paratrain.ps.strategy import PSSync
 from paratrain.training.checkpointer import Checkpointer
 from paratrain.training.metrics import MetricsLog, Progress, mfu_fields, peak_rss_mb, run_peak_flops
@@ -131,7 +132,7 @@ class Trainer:
 
     def _debug_hooks(self) -> None:
         dbg, rank, nxt = self.cfg.debug, self.dims.rank, self.step + 1
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        restarted = restart_count() > 0
         if dbg.kill_rank == rank and dbg.kill_at_step == nxt and not restarted:
             os.kill(os.getpid(), signal.SIGKILL)
         if dbg.delay_rank == rank and dbg.delay_ms > 0:
