@@ -38,7 +38,6 @@ from paratrain.ps.protocol import (
     Signer,
     decode,
     encode,
-    nbytes_of,
     read_header,
     send,
 )
@@ -49,6 +48,8 @@ RESTARTED = "restarted"  # wait() result for a server that came back as a new pr
 RESTART_KINDS = ("no session", "round lost", "not initialised")
 AUTH_RETRY_S = 2.0  # AUTH again when no challenge came back within this
 MAX_OUTSTANDING = 256  # requests kept per server for a resend after re-authentication
+HANDSHAKE = (int(Msg.AUTH), int(Msg.REPLY))  # types of the handshake's messages (REPLY: "accepted")
+POLLIN = int(zmq.POLLIN)
 
 
 class PSError(ConfigError):
@@ -128,7 +129,7 @@ class PSClient:
             send(self.socks[i], parts)
         except zmq.Again:  # queue full while the server is away: the wait() below will probe
             log.warning("send to server %d timed out (queue full)", i)
-        self.bytes_sent += sum(nbytes_of(p) for p in parts)
+        self.bytes_sent += len(parts[0]) + h.length
         out = self.outstanding[i]
         out[h.seq] = (h, body)
         if len(out) > MAX_OUTSTANDING:
@@ -144,12 +145,14 @@ class PSClient:
         with contextlib.suppress(zmq.ZMQError):
             sock.send_multipart(encode(None, h), zmq.NOBLOCK)
 
-    def _auth_step(self, sock: zmq.Socket, auth: ClientAuth, parts: list[Any]) -> bool:
-        """Handle a handshake message on ``sock``; False when ``parts`` is something else."""
-        try:
-            h = read_header(parts[0].buffer)
-        except ProtocolError:
-            return False
+    def _auth_step(self, sock: zmq.Socket, auth: ClientAuth, parts: list[Any], h: Header | None = None) -> bool:
+        """Handle a handshake message on ``sock`` (``h``: its header, when read); False when
+        ``parts`` is something else."""
+        if h is None:
+            try:
+                h = read_header(parts[0].buffer)
+            except ProtocolError:
+                return False
         if h.type == Msg.AUTH and len(parts) == 2:  # a challenge (or the refusal of an answer)
             if auth.ok:  # already authenticated: a late reply to a repeated AUTH
                 return True
@@ -224,19 +227,21 @@ class PSClient:
 
     def _drain(self, i: int) -> None:
         sock, auth = self.socks[i], self.auth[i]
-        while True:
+        while sock.get(zmq.EVENTS) & POLLIN:  # (cheaper than recv until zmq.Again)
+            parts = sock.recv_multipart(copy=False)
             try:
-                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            if self._auth_step(sock, auth, parts):
+                h = read_header(parts[0].buffer)
+            except ProtocolError as e:
+                log.warning("dropped a reply from server %d: %s", i, e)
+                continue
+            if h.type in HANDSHAKE and self._auth_step(sock, auth, parts, h):
                 if auth.ok and auth.waiting:  # send what waited for the handshake, in order
                     waiting, auth.waiting = auth.waiting, {}
                     for seq in sorted(waiting):
                         self._transmit(i, *waiting[seq])
                 continue
             try:
-                msg = decode(parts, self.signer, self.max_bytes, require_mac=bool(self.mac))
+                msg = decode(parts, self.signer, self.max_bytes, require_mac=bool(self.mac), header=h)
             except ProtocolError as e:
                 log.warning("dropped a reply from server %d: %s", i, e)
                 continue

@@ -23,6 +23,7 @@ from paratrain.ps.protocol import MAC_SIZE, Flag, Header, Message, Msg, Protocol
 
 MAX_FRAMES = 1 << 16  # tensor frames per message (the largest model has a few thousand keys)
 AUTH_FRAME_MAX = 64  # the only frame an unauthenticated connection may send (a 32-byte proof)
+MAX_CLAIMS = 4096  # parsed credentials kept (users that passed the ZAP gate)
 
 
 class Intake:
@@ -30,6 +31,7 @@ class Intake:
 
     sock: Any
     log: Any
+    _claims: dict[bytes, tuple[int, int]]
 
     def _drain(self) -> int:
         """Discard the rest of a multipart message; returns the frames dropped."""
@@ -43,7 +45,7 @@ class Intake:
         """Read and handle one message (raises zmq.Again when none is waiting)."""
         ident_frame = self.sock.recv(zmq.NOBLOCK, copy=False)
         ident = ident_frame.bytes
-        if not self.sock.getsockopt(zmq.RCVMORE):
+        if not ident_frame.more:
             return self._reject("malformed", "empty message", None)
         head = self.sock.recv(copy=False)
         try:
@@ -55,7 +57,7 @@ class Intake:
         except ProtocolError as e:
             self._drain()
             return self._reject(e.kind, str(e), None)
-        claimed = parse_user(user)
+        claimed = self._claims.get(user) or self._claim(user)
         if claimed is None or claimed != (h.worker, h.incarnation):
             self._drain()
             return self._reject("malformed", f"worker {h.worker} on a connection of {user!r}", None)
@@ -65,10 +67,10 @@ class Intake:
         if h.nframes > MAX_FRAMES or h.length > limit:
             self._drain()
             return self._liar(ident, h, f"declares {h.nframes} frames / {h.length} bytes (limit {limit})")
-        parts, total = [head], 0
+        parts, total, f = [head], 0, head
         signed = bool(h.flags & Flag.MAC)
         want = h.nframes + int(signed)
-        while self.sock.getsockopt(zmq.RCVMORE):
+        while f.more:  # (a frame's ``more`` is its RCVMORE, without a getsockopt call)
             if len(parts) - 1 >= want:
                 self._drain()
                 return self._liar(ident, h, f"sent more than the {h.nframes} frames it declared")
@@ -78,7 +80,14 @@ class Intake:
                 self._drain()
                 return self._liar(ident, h, f"sent more than the {h.length} bytes it declared")
             parts.append(f)
-        self._on_parts(ident, parts)
+        self._on_parts(ident, parts, h)
+
+    def _claim(self, user: bytes) -> tuple[int, int] | None:
+        """``parse_user`` of a credential, remembered (the same few users send every message)."""
+        claimed = parse_user(user)
+        if claimed is not None and len(self._claims) < MAX_CLAIMS:
+            self._claims[user] = claimed
+        return claimed
 
     def _untrusted(self, ident: bytes, user: bytes, h: Header) -> None:
         """A connection that has not answered a challenge: serve AUTH steps, refuse the rest unread."""
@@ -105,9 +114,9 @@ class Intake:
             self.gate.banned.add(user)
         self._reject("oversized", f"worker {h.worker} {what}; its connection is dropped", None)
 
-    def _on_parts(self, ident: bytes, parts: list[Any]) -> None:
+    def _on_parts(self, ident: bytes, parts: list[Any], header: Header | None = None) -> None:
         try:
-            msg = decode(parts, self.signer, self.max_bytes, require_mac=self.integrity == "mac")
+            msg = decode(parts, self.signer, self.max_bytes, require_mac=self.integrity == "mac", header=header)
         except ProtocolError as e:  # authenticated senders get an ERROR back, others nothing
             return self._reject(e.kind, str(e), (ident, Message(e.header)) if e.header else None)
         self.counters["bytes_in"] += msg.header.length

@@ -90,6 +90,7 @@ DTYPES: list[torch.dtype] = [torch.float32, torch.float16, torch.bfloat16, torch
                              torch.int64, torch.uint8, torch.float64]
 DTYPE_IDS = {d: i for i, d in enumerate(DTYPES)}
 DTYPE_SIZES = [torch.empty((), dtype=d).element_size() for d in DTYPES]
+ALIGN = dict(zip(DTYPES, DTYPE_SIZES, strict=True))
 
 
 class ProtocolError(ValueError):
@@ -170,23 +171,21 @@ def tensor_frame(t: torch.Tensor) -> np.ndarray:
 
 
 def frame_tensor(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor over a received frame: zero-copy when the frame is aligned, else one copy."""
-    n = 1
-    for s in shape:
-        n *= s
-    if n == 0:
+    """A tensor over a received frame (a byte memoryview of ``prod(shape)`` elements, as
+    ``decode`` checked): zero-copy when the frame is aligned, else one copy."""
+    if not len(buf):
         return torch.empty(shape, dtype=dtype)
-    view = memoryview(buf).cast("B")
-    if view.readonly:  # e.g. bytes: torch views only writable memory
-        view = memoryview(bytearray(view))
-    t = torch.frombuffer(view, dtype=torch.uint8)
-    if t.data_ptr() % DTYPE_SIZES[DTYPE_IDS[dtype]]:  # unaligned (small frames inside ZeroMQ's batch buffer)
+    if buf.readonly:  # e.g. bytes: torch views only writable memory
+        buf = memoryview(bytearray(buf))
+    t = torch.frombuffer(buf, dtype=torch.uint8)
+    if t.data_ptr() % ALIGN[dtype]:  # unaligned (small frames inside ZeroMQ's batch buffer)
         t = t.clone()
     return t.view(dtype).view(shape)
 
 
 def nbytes_of(part: Any) -> int:
-    return part.nbytes if hasattr(part, "nbytes") else len(part)
+    """Bytes of a frame to send: bytes, or an array / memoryview (``nbytes``)."""
+    return len(part) if isinstance(part, (bytes, bytearray)) else part.nbytes
 
 
 # ---- encode / decode ---------------------------------------------------------------------------
@@ -234,15 +233,17 @@ def read_header(buf: Any) -> Header:
     return Header(*fields[2:])
 
 
-def decode(parts: list[Any], signer: Signer | None, max_bytes: int, require_mac: bool = True) -> Message:
+def decode(parts: list[Any], signer: Signer | None, max_bytes: int, require_mac: bool = True,
+           header: Header | None = None) -> Message:
     """Check and parse one received multipart message (frames as zmq.Frame or bytes).
 
     A message with the ``MAC`` flag is verified with ``signer``; one without is accepted only
-    when not ``require_mac`` (``ps.integrity = "none"``: its connection was authenticated)."""
+    when not ``require_mac`` (``ps.integrity = "none"``: its connection was authenticated).
+    ``header``: ``read_header`` of the first part, when the caller has it already."""
     bufs = [p.buffer if hasattr(p, "buffer") else memoryview(p) for p in parts]
     if not bufs:
         raise ProtocolError("malformed", "empty message")
-    h = read_header(bufs[0])
+    h = header if header is not None else read_header(bufs[0])
     signed = bool(h.flags & Flag.MAC)
     body = bufs[1:-1] if signed else bufs[1:]
     if signed and (len(bufs) < 2 or len(bufs[-1]) != MAC_SIZE):
@@ -353,16 +354,16 @@ def frame_record(t: torch.Tensor) -> FrameRecord:
 
 
 COPY_THRESHOLD = 65536  # smaller frames are copied by ZeroMQ anyway
+SNDMORE = 2  # zmq.SNDMORE as a plain int (flag enums cost a microsecond per operation)
 
 
 def send(sock: Any, parts: list[Any], flags: int = 0, track: bool = False) -> list[Any]:
     """Send a multipart message, large frames zero-copy; returns trackers of the tracked frames."""
-    import zmq
-
     trackers = []
     last = len(parts) - 1
+    flags = int(flags)
     for i, p in enumerate(parts):
-        f = flags | (zmq.SNDMORE if i < last else 0)
+        f = flags | SNDMORE if i < last else flags
         if nbytes_of(p) >= COPY_THRESHOLD:
             t = sock.send(p, f, copy=False, track=track)
             if track:

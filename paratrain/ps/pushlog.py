@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from paratrain.config import ConfigError
-from paratrain.ps.protocol import FrameRecord, KeyRecord
+from paratrain.ps.protocol import FrameRecord, KeyRecord, nbytes_of
 
 RECORD = struct.Struct("<4sqI")  # magic, clock, meta length
 MAGIC = b"PTLG"
@@ -52,11 +52,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return sum(_nbytes(f) for body in self.bodies.values() for f in body[2])
-
-
-def _nbytes(frame: Any) -> int:
-    return frame.nbytes if hasattr(frame, "nbytes") else len(frame)
+        return sum(nbytes_of(f) for body in self.bodies.values() for f in body[2])
 
 
 def _record(r: Any) -> list[Any]:
@@ -120,7 +116,7 @@ class PushLog:
 
     def _write(self, e: Entry) -> None:
         bodies = {str(i): {"keys": [_record(r) for r in recs], "frames": [_record(r) for r in frecs],
-                           "sizes": [_nbytes(f) for f in frames], "packed": packed}
+                           "sizes": [nbytes_of(f) for f in frames], "packed": packed}
                   for i, (recs, frecs, frames, packed) in e.bodies.items()}
         meta = json.dumps({"lr": e.lr, "weight": e.weight, "coef": e.coef, "base": e.base,
                            "bodies": bodies}).encode()
@@ -135,7 +131,7 @@ class PushLog:
         for _, _, frames, _ in e.bodies.values():
             for fr in frames:
                 f.write(memoryview(fr).cast("B"))
-                n += _nbytes(fr)
+                n += nbytes_of(fr)
         with self._lock:
             self.index.append((e.clock, seg, offset))
             self.segments[seg] = e.clock

@@ -51,7 +51,11 @@ from paratrain.ps.shard import OptimConfig, Shard, save_shard
 from paratrain.ps.updates import UpdateRules, all_finite
 
 SECRET_ENV = "PARATRAIN_PS_SECRET"
+REQUESTS = (Msg.HELLO, Msg.INIT, Msg.PUSH, Msg.PULL, Msg.APPLY, Msg.HEARTBEAT, Msg.LEAVE, Msg.CHECKPOINT, Msg.STATS,
+            Msg.COLLECT, Msg.SHUTDOWN)
+HANDLERS = {int(m): f"_on_{m.name.lower()}" for m in REQUESTS}  # message type -> handler method
 JOIN_GRACE_S = 120.0
+POLLIN = int(zmq.POLLIN)
 
 
 def optim_config(cfg: Config) -> OptimConfig:
@@ -91,6 +95,7 @@ class ParameterServer(Intake, UpdateRules):
         self.ctx = zmq.Context()
         self.gate = ZapGate(self.ctx, secret)  # bound before the ROUTER: no connection skips it
         self.trust = Trust(secret)
+        self._claims: dict[bytes, tuple[int, int]] = {}  # credential -> (worker, incarnation)
         self.sock = self.ctx.socket(zmq.ROUTER)
         ZapGate.guard(self.sock)
         for opt, val in ((zmq.LINGER, 0), (zmq.RCVTIMEO, 1000), (zmq.SNDTIMEO, 1000),
@@ -147,9 +152,12 @@ class ParameterServer(Intake, UpdateRules):
         parent = os.getppid()
         last_check = time.monotonic()
         while not self.stopping and not (stop is not None and stop.is_set()):
-            if poller.poll(int(tick * 1000)):
-                self.gate.handle()
-                while not self.stopping:
+            ready = dict(poller.poll(int(tick * 1000)))
+            if ready:
+                if self.gate.sock in ready:
+                    self.gate.handle()
+                # EVENTS, not recv until zmq.Again: after a reply the worker's next send races this loop for the CPU
+                while not self.stopping and self.sock.get(zmq.EVENTS) & POLLIN:
                     try:
                         self._take()
                     except zmq.Again:
@@ -223,12 +231,10 @@ class ParameterServer(Intake, UpdateRules):
 
     def _dispatch(self, ident: bytes, msg: Message) -> None:
         h = msg.header
-        handler = {Msg.HELLO: self._on_hello, Msg.INIT: self._on_init, Msg.PUSH: self._on_push,
-                   Msg.PULL: self._on_pull, Msg.APPLY: self._on_apply, Msg.HEARTBEAT: self._on_heartbeat,
-                   Msg.LEAVE: self._on_leave, Msg.CHECKPOINT: self._on_checkpoint, Msg.STATS: self._on_stats,
-                   Msg.COLLECT: self._on_collect, Msg.SHUTDOWN: self._on_shutdown}.get(Msg(h.type))
-        if handler is None:
+        name = HANDLERS.get(h.type)
+        if name is None:
             raise ProtocolError("unknown type", f"{Msg(h.type).name} is not a request")
+        handler = getattr(self, name)
         if h.worker == CONTROL_ID:
             if h.type not in (Msg.HELLO, Msg.STATS, Msg.SHUTDOWN):
                 raise ProtocolError("unknown type", f"{Msg(h.type).name} from the control client")

@@ -9,9 +9,10 @@ The optimizer is written out here (not ``torch.optim``) with the exact operation
 torch's single-tensor AdamW / SGD, so results match DDP bit for bit in practice, and a
 (re)starting server does not pay torch.optim's heavy first-use imports.
 
-Replies send parameter views zero-copy; ZeroMQ may still be reading them when the next update
-runs, so :meth:`Shard.apply` first moves the parameters to fresh memory if any reply is still
-in flight (copy-on-write, checked through pyzmq's message trackers).
+Both groups live back to back in one flat tensor, and a PARAMS reply is that tensor as one
+frame, sent zero-copy; ZeroMQ may still be reading it when the next update runs, so
+:meth:`Shard.apply` first moves the parameters to fresh memory if any reply is still in
+flight (copy-on-write, checked through pyzmq's message trackers).
 """
 
 from __future__ import annotations
@@ -55,15 +56,17 @@ class Shard:
         self.keys = list(keys)
         self.by_id = {k.id: k for k in keys}
         self.opt_cfg = opt
-        sizes, self.slot = group_slots(keys)
-        self.params = [torch.zeros(n) for n in sizes]
-        self.grads = [torch.zeros(n) for n in sizes]
+        self.sizes, self.slot = group_slots(keys)
+        self.flat = torch.zeros(sum(self.sizes))  # both groups back to back: one PARAMS frame
+        self.params = list(self.flat.split(self.sizes))
+        self.grads = [torch.zeros(n) for n in self.sizes]
         for k, v in zip(keys, values, strict=True):
             self.view(self.params, k).copy_(v.reshape(-1))
         self.optimizer = self._make_optimizer()
         self.alias: list[torch.Tensor | None] = [None] * len(self.grads)  # set_grads: received tensors used as-is
         self.version = 0
         self.trackers: list[Any] = []
+        self._wire: tuple[torch.Tensor | None, Any] = (None, None)
 
     def _make_optimizer(self) -> ServerOptimizer:
         o = self.opt_cfg
@@ -133,7 +136,8 @@ class Shard:
     def _copy_on_write(self) -> None:
         self.trackers = [t for t in self.trackers if not t.done]
         if self.trackers:  # a reply still reads the current memory: update a fresh copy
-            self.params = [p.clone() for p in self.params]
+            self.flat = self.flat.clone()
+            self.params = list(self.flat.split(self.sizes))
             self.trackers = []
 
     def apply(self, lr: float, coef: float = 1.0) -> None:
@@ -146,8 +150,14 @@ class Shard:
         self.optimizer.step(self.params, grads, lr)
         self.version += 1
 
+    def wire(self) -> Any:
+        """:attr:`flat` as a byte array for a PARAMS frame (zero-copy; remade only after a copy-on-write)."""
+        if self._wire[0] is not self.flat:
+            self._wire = (self.flat, self.flat.view(torch.uint8).numpy())
+        return self._wire[1]
+
     def param_groups(self) -> list[torch.Tensor]:
-        """The two flat parameter tensors (decay, no decay): what a PARAMS reply sends."""
+        """The two flat parameter tensors (decay, no decay), views of :attr:`flat`."""
         return list(self.params)
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -180,6 +190,8 @@ class ServerOptimizer:
 
     def step(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> None:
         for param, grad, wd, st in zip(params, grads, self.weight_decay, self.state, strict=True):
+            if not param.numel():  # (a group without keys: no state either)
+                continue
             if self.cfg.name == "sgd":
                 self._sgd(param, grad, wd, st, lr)
             else:

@@ -39,8 +39,11 @@ import torch
 from paratrain.ps.client import RESTARTED, PSClient, PSError
 from paratrain.ps.placement import KeySpec, Layout, layout_digest
 from paratrain.ps.protocol import (
+    DTYPE_IDS,
     KEY_PACKED,
     Flag,
+    FrameRecord,
+    KeyRecord,
     Message,
     Msg,
     frame_record,
@@ -64,6 +67,11 @@ class StepStats:
     pushes: int = 0
 
 
+def _wire(t: torch.Tensor) -> Any:
+    """A contiguous 1-D CPU fp32 tensor as a byte array for a frame (zero-copy)."""
+    return t.detach().view(torch.uint8).numpy()
+
+
 class PSWorker:
     """Pushes, pulls and recovery for the model parameters ``params`` laid out as ``layout``."""
 
@@ -74,11 +82,15 @@ class PSWorker:
         self.mode, self.two_phase, self.keep_log, self.max_norm = mode, two_phase, keep_log, max_norm
         self.servers = list(range(layout.n_servers))
         self.keys_of = [layout.server_keys(i) for i in self.servers]
-        self.slots = [group_slots(ks) for ks in self.keys_of]  # where each key sits in a PARAMS reply
+        # a PARAMS reply is one frame: the server's decay group, then its no-decay group
+        self.reply_numel = [sum(group_slots(ks)[0]) for ks in self.keys_of]
+        self._install_plans: list[tuple[tuple[int, ...], list[torch.Tensor], list[int]] | None] = \
+            [None] * layout.n_servers
         self.clock = 0  # pushes sent
         self.clock_done = 0  # pushes whose reply was installed
         self.versions = [0] * layout.n_servers
         self.pushlog = PushLog(log_dir) if keep_log else None
+        self._push_plans = [self._make_push_plan(i) for i in self.servers]
         self.inflight: dict[int, int] = {}
         self.current: Entry | None = None
         self.stats = StepStats()
@@ -121,17 +133,31 @@ class PSWorker:
         for i, m in replies.items():
             self._install(i, m, record=False)
 
+    def _install_plan(self, i: int) -> tuple[list[torch.Tensor], list[int]]:
+        """(parameter views, sizes) of server ``i``'s keys in the order of its PARAMS frame,
+        remade when a parameter's storage changed."""
+        ptrs = tuple(p.data_ptr() for p in self.params)
+        plan = self._install_plans[i]
+        if plan is None or plan[0] != ptrs:
+            sizes, slot = group_slots(self.keys_of[i])
+            keys = sorted(self.keys_of[i], key=lambda k: (slot[k.id][0], slot[k.id][1]))
+            plan = (ptrs, [self._param_view(k) for k in keys], [k.numel for k in keys])
+            self._install_plans[i] = plan
+        return plan[1], plan[2]
+
     def _install(self, i: int, msg: Message, record: bool = True) -> None:
-        sizes, slot = self.slots[i]
+        n = self.reply_numel[i]
         got = [len(f) for f in msg.frames]
-        if msg.type != Msg.PARAMS or got != [4 * n for n in sizes]:
+        if msg.type != Msg.PARAMS or got != [4 * n]:
             raise PSError(f"parameter server {i} sent {Msg(msg.type).name} with frames of {got} bytes where "
-                          f"parameter groups of {[4 * n for n in sizes]} bytes were expected")
-        groups = [frame_tensor(f, torch.float32, (n,)) for f, n in zip(msg.frames, sizes, strict=True)]
+                          f"one frame of {4 * n} bytes (its parameters) was expected")
+        dst, sizes = self._install_plan(i)
         with torch.no_grad():
-            for k in self.keys_of[i]:
-                g, off = slot[k.id]
-                self._param_view(k).copy_(groups[g][off:off + k.numel])
+            flat = frame_tensor(msg.frames[0], torch.float32, (n,))
+            if len(dst) == 1:
+                dst[0].copy_(flat)
+            else:
+                torch._foreach_copy_(dst, flat.split_with_sizes(sizes))
         self.versions[i] = msg.header.version
         if record:
             self.stats.staleness[int(msg.header.f0)] += 1
@@ -139,8 +165,13 @@ class PSWorker:
 
     # ---- pushes --------------------------------------------------------------------------------
     def _encode(self, lr: float, weight: float) -> Entry:
+        grads = [p.grad for p in self.params]
+        plain = self.encoder.active == "none" and all(g is not None and g.dtype == torch.float32 for g in grads)
         bodies = {}
         for i in self.servers:
+            if plain and self._push_plans[i] is not None:
+                bodies[i] = self._plain_body(i, grads)
+                continue
             recs, frecs, frames, pack = [], [], [], []
             for k in self.keys_of[i]:
                 g = self.params[k.param].grad
@@ -163,6 +194,30 @@ class PSWorker:
             bodies[i] = (recs, frecs, frames, bool(pack))
         self.clock += 1
         return Entry(self.clock, lr, weight, bodies, list(self.versions))
+
+    def _make_push_plan(self, i: int) -> tuple | None:
+        """What a plain push (fp32, every gradient present) to server ``i`` always looks like: its
+        key and frame records, and which gradient slices go packed / in frames of their own.
+        None when a key may go as sparse rows (its records depend on the gradient)."""
+        keys = [k for k in self.keys_of[i] if k.numel]
+        if any(k.sparse and len(k.shape) == 2 and k.shape[0] > 1 for k in keys):
+            return None
+        small = [k for k in keys if k.numel * 4 < PACK_BELOW]
+        big = [k for k in keys if k.numel * 4 >= PACK_BELOW]
+        recs = [KeyRecord(k.id, 0, 0, KEY_PACKED) for k in small] + [KeyRecord(k.id, 0, 1) for k in big]
+        frecs = ([FrameRecord(DTYPE_IDS[torch.float32], (sum(k.numel for k in small),))] if small else []) \
+            + [FrameRecord(DTYPE_IDS[torch.float32], (k.numel,) if len(k.shape) == 1 else k.shape) for k in big]
+        cut = lambda k: (k.param, k.offset, k.offset + k.numel)  # noqa: E731
+        return recs, frecs, [cut(k) for k in small], [cut(k) for k in big]
+
+    def _plain_body(self, i: int, grads: list[torch.Tensor]) -> tuple:
+        """Server ``i``'s push body from its cached plan: one pack frame for the small keys, one
+        frame per large key, fp32, zero-copy where the gradient is contiguous."""
+        recs, frecs, small, big = self._push_plans[i]
+        frames = [_wire(grads[p].reshape(-1)[a:b]) for p, a, b in big]
+        if small:
+            frames.insert(0, _wire(torch.cat([grads[p].reshape(-1)[a:b] for p, a, b in small])))
+        return recs, frecs, frames, bool(small)
 
     def _send_push(self, i: int, e: Entry) -> int:
         recs, frecs, frames, packed = e.bodies[i]
