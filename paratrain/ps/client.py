@@ -178,8 +178,10 @@ class PSClient:
             return True
         return False
 
-    def wait(self, pending: dict[int, int], timeout: float | None = None) -> dict[int, Message | str]:
+    def wait(self, pending: dict[int, int], timeout: float | None = None,
+             each: Callable[[int, Message], None] | None = None) -> dict[int, Message | str]:
         """Replies to ``{server: seq}``; a server found restarted maps to :data:`RESTARTED`.
+        ``each(server, reply)`` is called on each reply as it is taken.
 
         Raises :class:`PSError` when a server stays silent for ``give_up_s`` (or ``timeout``)."""
         pending = dict(pending)
@@ -202,6 +204,8 @@ class PSClient:
                             raise PSError(f"parameter server {i} refused a request: {err}")
                     else:
                         out[i] = msg
+                        if each is not None:
+                            each(i, msg)
                     del pending[i]
             if not pending:
                 break

@@ -35,7 +35,7 @@ import torch
 from paratrain.ps.auth import DIGEST_MIN, Signer  # noqa: F401 - part of the wire format's API
 
 MAGIC = b"PT"
-PROTOCOL_VERSION = 2  # 2: 16-byte key and 12-byte frame records
+PROTOCOL_VERSION = 3  # 2: 16-byte key and 12-byte frame records; 3: PARAMS replies are one frame
 MAC_SIZE = 32
 CONTROL_ID = 0xFFFFFFFF  # worker id of the launcher's control client
 MAX_META_BYTES = 1 << 20
@@ -175,12 +175,15 @@ def frame_tensor(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) ->
     ``decode`` checked): zero-copy when the frame is aligned, else one copy."""
     if not len(buf):
         return torch.empty(shape, dtype=dtype)
-    if buf.readonly:  # e.g. bytes: torch views only writable memory
-        buf = memoryview(bytearray(buf))
-    t = torch.frombuffer(buf, dtype=torch.uint8)
-    if t.data_ptr() % ALIGN[dtype]:  # unaligned (small frames inside ZeroMQ's batch buffer)
-        t = t.clone()
-    return t.view(dtype).view(shape)
+    if buf.readonly or len(buf) < COPY_THRESHOLD:
+        # torch views only writable memory; and small frames often sit unaligned in ZeroMQ's read
+        # buffer: a bytearray copy is aligned and cheaper than checking and cloning (a torch op each)
+        t = torch.frombuffer(bytearray(buf), dtype=dtype)
+    else:
+        t = torch.frombuffer(buf, dtype=dtype)
+        if t.data_ptr() % ALIGN[dtype]:
+            t = t.clone()
+    return t if len(shape) == 1 else t.view(shape)
 
 
 def nbytes_of(part: Any) -> int:

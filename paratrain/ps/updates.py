@@ -106,9 +106,10 @@ class UpdateRules:
                 out.append((key, ("dense", pack[off:off + key.numel])))
                 off += key.numel
                 continue
-            if rec.codec == 0 and not rec.flags and rec.ntensors == 1 and tensors[i].dtype == torch.float32 \
-                    and tensors[i].numel() == key.numel:  # plain fp32: the frame itself, no decode
-                out.append((key, ("dense", tensors[i].reshape(-1))))
+            t = tensors[i] if i < len(tensors) else None
+            if rec.codec == 0 and not rec.flags and rec.ntensors == 1 and t.dtype == torch.float32 \
+                    and t.numel() == key.numel:  # plain fp32: the frame itself, no decode
+                out.append((key, ("dense", t if t.dim() == 1 else t.reshape(-1))))
             else:
                 out.append((key, decode_key(rec, tensors[i:i + rec.ntensors], key)))
             i += rec.ntensors

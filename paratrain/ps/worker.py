@@ -249,19 +249,27 @@ class PSWorker:
     def _complete(self) -> None:
         e = self.current
         t0 = time.perf_counter()
-        replies = self._exchange(self.inflight, lambda i: self._send_push(i, e))
+        installed: set[int] = set()
+
+        def land(i: int, m: Message) -> None:  # install each server's parameters as they arrive
+            if m.type == Msg.PARAMS:
+                self._install(i, m)
+                installed.add(i)
+
+        replies = self._exchange(self.inflight, lambda i: self._send_push(i, e), land)
         phase1 = {i: m for i, m in replies.items() if m.header.flags & Flag.PHASE1}
         if phase1:  # sync, several servers, clipping: every server needs the global norm
             e.coef = clip_coef(sum(m.header.f0 for m in phase1.values()), self.max_norm)
             rounds = {i: int(m.header.clock) for i, m in phase1.items()}
             send = lambda i: self.client.send(i, Msg.APPLY, clock=rounds[i], f0=e.coef)
-            replies.update(self._exchange({i: send(i) for i in phase1}, send))
+            replies.update(self._exchange({i: send(i) for i in phase1}, send, land))
         now = time.perf_counter()
         self.stats.wait_ms.append((now - t0) * 1000)
         arrived = max((m.received_at for m in replies.values()), default=now) or now
         self.stats.rtt_ms.append((arrived - e.sent_at) * 1000)  # push out -> parameters back
         for i, m in replies.items():
-            self._install(i, m)
+            if i not in installed:  # (a reply that came through a recovery)
+                self._install(i, m)
         self.inflight = {}
         self.clock_done = e.clock
         self.stats.pushes += 1
@@ -273,12 +281,14 @@ class PSWorker:
         if self.inflight:
             self._complete()
 
-    def _exchange(self, pending: dict[int, int], resend: Callable[[int], int]) -> dict[int, Message]:
-        """Wait for ``pending``; a restarted server is recovered, then asked again."""
+    def _exchange(self, pending: dict[int, int], resend: Callable[[int], int],
+                  each: Callable[[int, Message], None] | None = None) -> dict[int, Message]:
+        """Wait for ``pending``; a restarted server is recovered, then asked again.  ``each`` is
+        called on every reply as it arrives (while others are still on their way)."""
         out: dict[int, Message] = {}
         while pending:
             again = {}
-            for i, m in self.client.wait(pending).items():
+            for i, m in self.client.wait(pending, each=each).items():
                 if m == RESTARTED:
                     rep = self.recover(i)
                     if rep is not None:
