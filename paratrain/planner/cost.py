@@ -133,11 +133,12 @@ class Estimate:
 
 
 # paratrain's parameter server on one CPU host, fitted by benchmarks/ps_cost.py on CPU time
-# (1 worker, 1 server, push + pull of 4 KB .. 16 MB): the fixed cost of one push + reply round
-# trip (Python header encode/decode, session checks, ZeroMQ hand-offs) and the processing cost
-# per byte of push + pull (MAC on both ends, decode, the update, the copy into the model).
-PS_MSG_S = 0.9e-3
-PS_BYTE_S = 1 / 0.38e9
+# (1 worker, 1 server, push + pull of 4 KB .. 16 MB, ps.integrity = "none"): the fixed cost of
+# one push + reply round trip (Python header encode/decode, session checks, ZeroMQ hand-offs)
+# and the processing cost per byte of push + pull (the finite check, the update, the copy into
+# the model, the kernel's loopback copies).
+PS_MSG_S = 0.52e-3
+PS_BYTE_S = 1 / 0.93e9
 
 
 def ps_exchange_time(push_bytes: float, pull_bytes: float, workers: int, servers: int, bw: float,

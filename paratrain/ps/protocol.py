@@ -58,7 +58,7 @@ class Msg(enum.IntEnum):
     SHUTDOWN = 11
     AUTH = 12  # connection handshake (see paratrain.ps.auth); never carries a MAC
     REPLY = 32  # generic acknowledgement (meta may carry data)
-    PARAMS = 33  # parameter frames, one per key of the server, in key order
+    PARAMS = 33  # one frame: the server's parameter groups (decay, no decay) back to back
     ERROR = 34  # meta["error"]: what was wrong
 
 
