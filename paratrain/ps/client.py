@@ -111,11 +111,12 @@ class PSClient:
 
     # ---- requests ---------------------------------------------------------------------------------
     def send(self, server: int, mtype: Msg, meta: dict | None = None, keys: list | None = None,
-             frame_recs: list | None = None, frames: list = (), **fields: Any) -> int:
-        """Send one request to ``server``; returns its sequence number (the reply carries it)."""
+             frame_recs: list | None = None, frames: list = (), desc: bytes | None = None, **fields: Any) -> int:
+        """Send one request to ``server``; returns its sequence number (the reply carries it).
+        ``desc``: the packed ``keys`` / ``frame_recs`` table, when the caller keeps it."""
         self.seq += 1
         h = Header(int(mtype), worker=self.worker, incarnation=self.incarnation, seq=self.seq, **fields)
-        body = {"meta": meta, "keys": keys, "frame_recs": frame_recs, "frames": frames}
+        body = {"meta": meta, "keys": keys, "frame_recs": frame_recs, "frames": frames, "desc": desc}
         if self.auth[server].ok:
             self._transmit(server, h, body)
         else:  # goes out once the connection is authenticated

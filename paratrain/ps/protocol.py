@@ -40,6 +40,7 @@ MAC_SIZE = 32
 CONTROL_ID = 0xFFFFFFFF  # worker id of the launcher's control client
 MAX_META_BYTES = 1 << 20
 MAX_META_DEPTH = 8
+DESC_CACHE_SIZE = 256  # parsed key/frame tables kept (a few per worker)
 
 
 class Msg(enum.IntEnum):
@@ -153,6 +154,7 @@ class Message:
     frame_recs: list[FrameRecord] = field(default_factory=list)
     frames: list[memoryview] = field(default_factory=list)
     received_at: float = 0.0  # time.perf_counter() when the receiver read it
+    desc: bytes = b""  # the raw key/frame table (pushes with the same one share a plan)
 
     @property
     def type(self) -> int:
@@ -192,12 +194,21 @@ def nbytes_of(part: Any) -> int:
 
 
 # ---- encode / decode ---------------------------------------------------------------------------
+def pack_desc(keys: list[KeyRecord], frame_recs: list[FrameRecord]) -> bytes:
+    """The desc frame: a key record per key, a frame record per tensor frame."""
+    desc = [DESC_HEAD.pack(len(keys), len(frame_recs))]
+    desc += [KEYREC.pack(k.key, k.codec, k.ntensors, k.flags, k.info0, k.info1) for k in keys]
+    desc += [FRAMEREC.pack(r.dtype, len(r.shape), *(list(r.shape) + [0, 0])[:2]) for r in frame_recs]
+    return b"".join(desc)
+
+
 def encode(signer: Signer | None, header: Header, meta: dict[str, Any] | None = None,
            keys: list[KeyRecord] | None = None, frame_recs: list[FrameRecord] | None = None,
-           frames: list[Any] = (), digests: dict[int, bytes] | None = None) -> list[Any]:
+           frames: list[Any] = (), digests: dict[int, bytes] | None = None, desc: bytes | None = None) -> list[Any]:
     """The multipart message for ``header`` + optional meta + optional desc + tensor frames.
 
-    With a ``signer`` a MAC frame ends the message (``ps.integrity = "mac"``); ``digests`` maps
+    ``desc``: ``pack_desc(keys, frame_recs)`` when the caller has it already.  With a
+    ``signer`` a MAC frame ends the message (``ps.integrity = "mac"``); ``digests`` maps
     indices into ``frames`` to their precomputed ``Signer.digest``."""
     body: list[Any] = []
     flags = header.flags & ~(Flag.META | Flag.DESC | Flag.MAC)
@@ -205,11 +216,7 @@ def encode(signer: Signer | None, header: Header, meta: dict[str, Any] | None = 
         body.append(json.dumps(meta, separators=(",", ":")).encode())
         flags |= Flag.META
     if keys is not None:
-        recs = frame_recs or []
-        desc = [DESC_HEAD.pack(len(keys), len(recs))]
-        desc += [KEYREC.pack(k.key, k.codec, k.ntensors, k.flags, k.info0, k.info1) for k in keys]
-        desc += [FRAMEREC.pack(r.dtype, len(r.shape), *(list(r.shape) + [0, 0])[:2]) for r in recs]
-        body.append(b"".join(desc))
+        body.append(desc if desc is not None else pack_desc(keys, frame_recs or []))
         flags |= Flag.DESC
     body += list(frames)
     if signer is not None:
@@ -290,7 +297,8 @@ def _parse(h: Header, sizes: list[int], total: int, body: list[memoryview]) -> M
     if h.flags & Flag.DESC:
         if not body:
             raise ProtocolError("malformed", "missing desc frame")
-        msg.keys, msg.frame_recs = _parse_desc(body[0])
+        msg.desc = bytes(body[0])
+        msg.keys, msg.frame_recs = _parsed_desc(msg.desc)
         body = body[1:]
         _check_frames(msg.keys, msg.frame_recs, body, bool(h.flags & Flag.PACKED))
     msg.frames = body
@@ -307,6 +315,22 @@ def _depth(obj: Any) -> int:
             if d <= MAX_META_DEPTH:
                 stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
     return deepest
+
+
+_DESC_CACHE: dict[bytes, tuple[list[KeyRecord], list[FrameRecord]]] = {}
+
+
+def _parsed_desc(desc: bytes) -> tuple[list[KeyRecord], list[FrameRecord]]:
+    """``_parse_desc``, remembered: a worker's pushes repeat the same table step after step
+    (callers only read the records)."""
+    hit = _DESC_CACHE.get(desc)
+    if hit is None:
+        hit = _parse_desc(memoryview(desc))
+        if len(_DESC_CACHE) >= DESC_CACHE_SIZE:
+            _DESC_CACHE.clear()
+        if len(desc) <= COPY_THRESHOLD:  # (bounds the cache's memory: ~4000 keys per table)
+            _DESC_CACHE[desc] = hit
+    return hit
 
 
 def _parse_desc(buf: memoryview) -> tuple[list[KeyRecord], list[FrameRecord]]:

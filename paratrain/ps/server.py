@@ -121,6 +121,7 @@ class ParameterServer(Intake, UpdateRules):
         self.held: list[tuple[bytes, int, int, int]] = []  # ssp: (ident, worker, seq, staleness)
         self.collective = Collective()
         self.shard: Shard | None = None
+        self._plans, self._plans_for = {}, None  # push plans (updates.PushPlan) and the shard they are for
         self._digests: dict[int, bytes] = {}
         self._digest_version = -1
         self.staleness: Counter[int] = Counter()

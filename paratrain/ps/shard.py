@@ -60,6 +60,8 @@ class Shard:
         self.flat = torch.zeros(sum(self.sizes))  # both groups back to back: one PARAMS frame
         self.params = list(self.flat.split(self.sizes))
         self.grads = [torch.zeros(n) for n in self.sizes]
+        self.grad_view = {k.id: self.view(self.grads, k) for k in keys}  # (the buffers are never replaced)
+        self.sole = {k.id: self.slot[k.id][0] for k in keys if k.numel == self.sizes[self.slot[k.id][0]]}
         for k, v in zip(keys, values, strict=True):
             self.view(self.params, k).copy_(v.reshape(-1))
         self.optimizer = self._make_optimizer()
@@ -88,7 +90,7 @@ class Shard:
 
     def add_grad(self, key: KeySpec, decoded: tuple, weight: float = 1.0) -> None:
         """Add ``weight`` x one decoded key gradient (dense or sparse rows) to the buffers."""
-        dst = self.view(self.grads, key)
+        dst = self.grad_view[key.id]
         if decoded[0] == "dense":
             dst.add_(decoded[1], alpha=weight)
         else:
@@ -97,7 +99,7 @@ class Shard:
 
     def add_grads(self, grads: list[tuple[KeySpec, tuple]], weight: float = 1.0) -> None:
         """Add ``weight`` x decoded key gradients to the buffers (dense keys in one foreach op)."""
-        dense = [(self.view(self.grads, k), g[1]) for k, g in grads if g[0] == "dense"]
+        dense = [(self.grad_view[k.id], g[1]) for k, g in grads if g[0] == "dense"]
         if dense:
             dst, src = zip(*dense, strict=True)
             torch._foreach_add_(list(dst), list(src), alpha=weight)
@@ -112,11 +114,11 @@ class Shard:
         if len(grads) == len(self.keys) and all(g[0] == "dense" for _, g in grads):
             copy = []
             for k, g in grads:
-                gi = self.slot[k.id][0]
-                if k.numel == self.grads[gi].numel():  # the whole group: no copy at all
+                gi = self.sole.get(k.id)
+                if gi is None:
+                    copy.append((self.grad_view[k.id], g[1]))
+                else:  # the only key of its group: the received tensor is the gradient, no copy
                     self.alias[gi] = g[1]
-                else:
-                    copy.append((self.view(self.grads, k), g[1]))
             if copy:
                 dst, src = zip(*copy, strict=True)
                 torch._foreach_copy_(list(dst), list(src))

@@ -32,6 +32,7 @@ from paratrain.ps.protocol import (
     KEY_PACKED,
     Flag,
     Header,
+    KeyRecord,
     Message,
     Msg,
     ProtocolError,
@@ -42,6 +43,7 @@ from paratrain.ps.wire import decode_key
 
 LR_MAX = 1e3  # a learning rate above this is taken for a corrupt or hostile message
 WEIGHT_MAX = 1e15  # labelled tokens of one push
+MAX_PLANS = 64  # push plans kept (one per distinct key table: a few per worker)
 SUM_CHECK_MAX = 4  # up to this many tensors are checked by their sums (2x faster than a norm)
 
 
@@ -62,12 +64,48 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return math.isfinite(float(torch.stack(torch._foreach_norm(ts)).sum()))
 
 
+class PushPlan:
+    """Which key each record of a push's table is and how its gradient is read: packed (-1), the
+    frame itself (record None: plain fp32 of the key's size) or a codec to decode."""
+
+    def __init__(self, items: list[tuple[KeySpec, KeyRecord | None, int]], pack_sizes: list[int]):
+        self.items, self.pack_sizes = items, pack_sizes
+        self.pack_numel = sum(pack_sizes)
+        self.plain = all(rec is None for _, rec, _ in items)
+
+    @classmethod
+    def make(cls, msg: Message, shard: Shard, packed: bool) -> PushPlan:
+        """Check the table (keys held here, each once; packed records well formed) and plan it."""
+        items, sizes, seen, i = [], [], set(), int(packed)
+        for rec in msg.keys:
+            key = shard.by_id.get(rec.key)
+            if key is None or rec.key in seen:
+                raise ProtocolError("malformed", f"key {rec.key} is not held here or repeats")
+            seen.add(rec.key)
+            if rec.flags & KEY_PACKED:
+                if not packed or rec.ntensors or rec.codec:
+                    raise ProtocolError("malformed", f"key {rec.key}: bad packed record")
+                items.append((key, None, -1))
+                sizes.append(key.numel)
+                continue
+            fr = msg.frame_recs[i] if rec.ntensors == 1 else None
+            plain = rec.codec == 0 and not rec.flags and fr is not None and fr.dtype == DTYPE_IDS[torch.float32] \
+                and math.prod(fr.shape) == key.numel
+            items.append((key, None if plain else rec, i))
+            i += rec.ntensors
+        if packed and not sizes:
+            raise ProtocolError("malformed", "a pack frame without packed keys")
+        return cls(items, sizes)
+
+
 class UpdateRules:
     """Push / APPLY / PULL handling; expects the attributes ParameterServer sets up."""
 
     shard: Shard | None
     _reply: Any
     _reject: Any
+    _plans: dict[tuple[bytes, bool], PushPlan]
+    _plans_for: Shard | None
 
     def _send_params(self, ident: bytes, req: Header, flags: int = 0, stale: int = 0, gap: int = 0) -> None:
         frames = [self.shard.wire()]
@@ -84,6 +122,19 @@ class UpdateRules:
             raise ProtocolError("not initialised", "server has no parameters yet (INIT first)")
         return self.shard
 
+    def _push_plan(self, msg: Message, shard: Shard) -> PushPlan:
+        """The push's key table checked against this server's keys, once per distinct table."""
+        packed = bool(msg.header.flags & Flag.PACKED)
+        if self._plans_for is not shard:  # a new key table (INIT, resume): plans start over
+            self._plans, self._plans_for = {}, shard
+        plan = self._plans.get((msg.desc, packed))
+        if plan is None:
+            plan = PushPlan.make(msg, shard, packed)
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[(msg.desc, packed)] = plan
+        return plan
+
     def _decode_push(self, msg: Message) -> list[tuple[KeySpec, tuple]]:
         """Validated ``(key, decoded gradient)`` pairs of a push (raises ProtocolError)."""
         shard, h = self._require_shard(), msg.header
@@ -91,31 +142,25 @@ class UpdateRules:
         _check_value("weight", h.f1, WEIGHT_MAX)
         if h.flags & Flag.HAS_COEF:
             _check_value("clip coefficient", h.f2, 1.0)
+        plan = self._push_plan(msg, shard)
         tensors = frame_tensors(msg)
-        packed = bool(msg.header.flags & Flag.PACKED)
-        pack, off = (tensors[0], 0) if packed else (None, 0)
-        out, seen, i = [], set(), int(packed)
-        for rec in msg.keys:
-            key = shard.by_id.get(rec.key)
-            if key is None or rec.key in seen:
-                raise ProtocolError("malformed", f"key {rec.key} is not held here or repeats")
-            seen.add(rec.key)
-            if rec.flags & KEY_PACKED:
-                if pack is None or rec.ntensors or rec.codec or off + key.numel > pack.numel():
-                    raise ProtocolError("malformed", f"key {rec.key}: bad packed record")
-                out.append((key, ("dense", pack[off:off + key.numel])))
-                off += key.numel
-                continue
-            t = tensors[i] if i < len(tensors) else None
-            if rec.codec == 0 and not rec.flags and rec.ntensors == 1 and t.dtype == torch.float32 \
-                    and t.numel() == key.numel:  # plain fp32: the frame itself, no decode
-                out.append((key, ("dense", t if t.dim() == 1 else t.reshape(-1))))
+        pieces = iter(())
+        if plan.pack_sizes:
+            if tensors[0].numel() != plan.pack_numel:
+                raise ProtocolError("wrong length", f"pack frame of {tensors[0].numel()} values, "
+                                                    f"keys use {plan.pack_numel}")
+            pieces = iter(tensors[0].split_with_sizes(plan.pack_sizes))
+        out = []
+        for key, rec, i in plan.items:
+            if i < 0:  # packed
+                out.append((key, ("dense", next(pieces))))
+            elif rec is None:  # plain fp32: the frame itself, no decode
+                t = tensors[i]
+                out.append((key, ("dense", t if t.dim() == 1 else t.view(-1))))
             else:
                 out.append((key, decode_key(rec, tensors[i:i + rec.ntensors], key)))
-            i += rec.ntensors
-        if pack is not None and off != pack.numel():
-            raise ProtocolError("wrong length", f"pack frame of {pack.numel()} values, keys use {off}")
-        if not all_finite([g[-1] for _, g in out]):
+        # a plain push's gradients are exactly its frames: check those (fewer tensors)
+        if not all_finite(tensors if plan.plain else [g[-1] for _, g in out]):
             raise ProtocolError("bad value", "non-finite gradient values; update refused")
         return out
 

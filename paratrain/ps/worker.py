@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._C._nn import flatten_dense_tensors
 
 from paratrain.ps.client import RESTARTED, PSClient, PSError
+from paratrain.ps.landing import Landing
 from paratrain.ps.placement import KeySpec, Layout, layout_digest
 from paratrain.ps.protocol import (
     DTYPE_IDS,
@@ -48,10 +50,11 @@ from paratrain.ps.protocol import (
     Msg,
     frame_record,
     frame_tensor,
+    pack_desc,
     tensor_frame,
 )
 from paratrain.ps.pushlog import Entry, PushLog
-from paratrain.ps.shard import clip_coef, group_slots
+from paratrain.ps.shard import clip_coef
 from paratrain.ps.wire import PushEncoder
 
 log = logging.getLogger("paratrain.ps.worker")
@@ -82,10 +85,9 @@ class PSWorker:
         self.mode, self.two_phase, self.keep_log, self.max_norm = mode, two_phase, keep_log, max_norm
         self.servers = list(range(layout.n_servers))
         self.keys_of = [layout.server_keys(i) for i in self.servers]
-        # a PARAMS reply is one frame: the server's decay group, then its no-decay group
-        self.reply_numel = [sum(group_slots(ks)[0]) for ks in self.keys_of]
-        self._install_plans: list[tuple[tuple[int, ...], list[torch.Tensor], list[int]] | None] = \
-            [None] * layout.n_servers
+        self.key_ranges = [layout.key_range(i) for i in self.servers]
+        self.landing = Landing(params, self.keys_of)  # where PARAMS replies go (one frame per server)
+        self.reply_numel = [self.landing.numel(i) for i in self.servers]
         self.clock = 0  # pushes sent
         self.clock_done = 0  # pushes whose reply was installed
         self.versions = [0] * layout.n_servers
@@ -133,31 +135,13 @@ class PSWorker:
         for i, m in replies.items():
             self._install(i, m, record=False)
 
-    def _install_plan(self, i: int) -> tuple[list[torch.Tensor], list[int]]:
-        """(parameter views, sizes) of server ``i``'s keys in the order of its PARAMS frame,
-        remade when a parameter's storage changed."""
-        ptrs = tuple(p.data_ptr() for p in self.params)
-        plan = self._install_plans[i]
-        if plan is None or plan[0] != ptrs:
-            sizes, slot = group_slots(self.keys_of[i])
-            keys = sorted(self.keys_of[i], key=lambda k: (slot[k.id][0], slot[k.id][1]))
-            plan = (ptrs, [self._param_view(k) for k in keys], [k.numel for k in keys])
-            self._install_plans[i] = plan
-        return plan[1], plan[2]
-
     def _install(self, i: int, msg: Message, record: bool = True) -> None:
         n = self.reply_numel[i]
         got = [len(f) for f in msg.frames]
         if msg.type != Msg.PARAMS or got != [4 * n]:
             raise PSError(f"parameter server {i} sent {Msg(msg.type).name} with frames of {got} bytes where "
                           f"one frame of {4 * n} bytes (its parameters) was expected")
-        dst, sizes = self._install_plan(i)
-        with torch.no_grad():
-            flat = frame_tensor(msg.frames[0], torch.float32, (n,))
-            if len(dst) == 1:
-                dst[0].copy_(flat)
-            else:
-                torch._foreach_copy_(dst, flat.split_with_sizes(sizes))
+        self.landing.land(i, frame_tensor(msg.frames[0], torch.float32, (n,)))
         self.versions[i] = msg.header.version
         if record:
             self.stats.staleness[int(msg.header.f0)] += 1
@@ -207,24 +191,27 @@ class PSWorker:
         recs = [KeyRecord(k.id, 0, 0, KEY_PACKED) for k in small] + [KeyRecord(k.id, 0, 1) for k in big]
         frecs = ([FrameRecord(DTYPE_IDS[torch.float32], (sum(k.numel for k in small),))] if small else []) \
             + [FrameRecord(DTYPE_IDS[torch.float32], (k.numel,) if len(k.shape) == 1 else k.shape) for k in big]
-        cut = lambda k: (k.param, k.offset, k.offset + k.numel)  # noqa: E731
-        return recs, frecs, [cut(k) for k in small], [cut(k) for k in big]
+        cut = lambda k: (k.param, k.offset, k.offset + k.numel, k.numel == self.params[k.param].numel())  # noqa: E731
+        return recs, frecs, [cut(k) for k in small], [cut(k) for k in big], pack_desc(recs, frecs)
 
     def _plain_body(self, i: int, grads: list[torch.Tensor]) -> tuple:
         """Server ``i``'s push body from its cached plan: one pack frame for the small keys, one
         frame per large key, fp32, zero-copy where the gradient is contiguous."""
-        recs, frecs, small, big = self._push_plans[i]
-        frames = [_wire(grads[p].reshape(-1)[a:b]) for p, a, b in big]
-        if small:
-            frames.insert(0, _wire(torch.cat([grads[p].reshape(-1)[a:b] for p, a, b in small])))
+        recs, frecs, small, big, _ = self._push_plans[i]
+        frames = [_wire(grads[p].reshape(-1)[a:b]) for p, a, b, _ in big]
+        if small:  # one C++ call flattens and joins them (whole parameters need no slicing)
+            parts = [grads[p] if whole else grads[p].reshape(-1)[a:b] for p, a, b, whole in small]
+            frames.insert(0, _wire(flatten_dense_tensors(parts)))
         return recs, frecs, frames, bool(small)
 
     def _send_push(self, i: int, e: Entry) -> int:
         recs, frecs, frames, packed = e.bodies[i]
-        start, count = self.layout.key_range(i)
+        plan = self._push_plans[i]
+        start, count = self.key_ranges[i]
         flags = (Flag.HAS_COEF if e.coef is not None else 0) | (Flag.PACKED if packed else 0)
         e.sent_at = time.perf_counter()
         return self.client.send(i, Msg.PUSH, keys=recs, frame_recs=frecs, frames=frames, clock=e.clock,
+                                desc=plan[4] if plan is not None and recs is plan[0] else None,
                                 version=e.base[i], key_start=start, key_count=count, flags=int(flags),
                                 f0=e.lr, f1=e.weight, f2=e.coef or 0.0)
 
