@@ -9,10 +9,11 @@ parallel), no authentication, no update.  Each ``ps.integrity`` mode is measured
 ends).  The round trips are interleaved one by one (echo, none, mac, echo, none, mac, ...), so
 load on the machine hits all alike, and each is timed alone: a round's ratio is median echo
 time / median PS time over its round trips, robust to the scheduling spikes of a busy
-machine; ``ratio`` is the median over rounds.
+machine; ``ratio`` is the median over rounds.  ``--keys K`` splits the gradient over K
+parameters (a model's many tensors: what per-key costs add).
 
     python benchmarks/ps_transport.py [--seconds 1] [--rounds 5] [--sizes 4096,1048576,41943040]
-                                      [--servers 1,2] [--modes none,mac]
+                                      [--servers 1,2] [--modes none,mac] [--keys 1]
 
 Prints one strict-JSON object; progress lines go to stderr.
 """
@@ -104,29 +105,31 @@ class Echo:
 class PSJob:
     """Servers of one (size, servers, integrity) setting and a worker pushing one tensor."""
 
-    def __init__(self, n_servers: int, nbytes: int, integrity: str, root: Path):
-        run_dir = root / f"s{n_servers}-{nbytes}-{integrity}"
+    def __init__(self, n_servers: int, nbytes: int, integrity: str, root: Path, keys: int = 1):
+        run_dir = root / f"s{n_servers}-{nbytes}-{integrity}-{keys}"
         run_dir.mkdir(parents=True)
         cfg = Config.load(None, [f'--run.dir="{run_dir}"', f"--ps.servers={n_servers}", "--ps.mode=async",
                                  "--parallel.sync=ps", "--parallel.nproc=1", "--train.optimizer=sgd",
                                  "--train.momentum=0.0", "--train.weight_decay=0.0", "--ps.max_message_mb=256",
                                  f"--ps.integrity={integrity}"])
         (run_dir / "config.toml").write_text(cfg.to_toml())
-        rows = max(1, nbytes // 4 // 256)
-        self.param = torch.nn.Parameter(torch.randn(rows, nbytes // 4 // rows))
-        self.grad = torch.randn_like(self.param) * 1e-3
+        rows = max(1, nbytes // 4 // 256 // keys)  # ``keys`` parameters of rows x 256 (one when keys = 1)
+        cols = 256 if keys > 1 else nbytes // 4 // rows
+        self.params = [torch.nn.Parameter(torch.randn(rows, cols)) for _ in range(keys)]
+        self.grads = [torch.randn_like(p) * 1e-3 for p in self.params]
         self.servers = local_servers(cfg, n_workers=1)
         self.servers.__enter__()
         self.client = PSClient(os.environ[ENDPOINTS_ENV].split(","), os.environ[SECRET_ENV].encode(), 0,
                                max_bytes=256 << 20)
-        layout = place([ParamInfo("w", tuple(self.param.shape))], n_servers)
+        layout = place([ParamInfo(f"w{i}", tuple(p.shape)) for i, p in enumerate(self.params)], n_servers)
         # "ssp" on the worker side: push, then wait for the reply every time (no overlap)
-        self.worker = PSWorker(self.client, layout, [self.param], PushEncoder(cfg.compression), "ssp", False, False)
+        self.worker = PSWorker(self.client, layout, self.params, PushEncoder(cfg.compression), "ssp", False, False)
         self.worker.connect(0)
 
     def round_trip(self) -> None:
         """Push the gradient, wait for the new parameters, install them."""
-        self.param.grad = self.grad
+        for p, g in zip(self.params, self.grads, strict=True):
+            p.grad = g
         self.worker.step(0.0, 1.0)
 
     def close(self) -> None:
@@ -141,6 +144,7 @@ def main() -> int:
     p.add_argument("--sizes", default="4096,1048576,41943040")
     p.add_argument("--servers", default="1,2")
     p.add_argument("--modes", default="none,mac")
+    p.add_argument("--keys", type=int, default=1, help="split the gradient into this many parameters")
     a = p.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -149,7 +153,7 @@ def main() -> int:
             echo = Echo(n_servers)
             try:
                 for nbytes in [int(s) for s in a.sizes.split(",")]:
-                    jobs = {m: PSJob(n_servers, nbytes, m, Path(tmp)) for m in a.modes.split(",")}
+                    jobs = {m: PSJob(n_servers, nbytes, m, Path(tmp), a.keys) for m in a.modes.split(",")}
                     try:
                         fns = {"echo": echo.round_trip(nbytes), **{m: job.round_trip for m, job in jobs.items()}}
                         rounds = [interleaved(fns, a.seconds) for _ in range(a.rounds)]
@@ -159,7 +163,7 @@ def main() -> int:
                     for m in jobs:
                         ratios = [r["echo"] / r[m] for r in rounds]
                         ps_s, echo_s = (statistics.median(r[k] for r in rounds) for k in (m, "echo"))
-                        row = {"bytes": nbytes, "servers": n_servers, "integrity": m,
+                        row = {"bytes": nbytes, "servers": n_servers, "keys": a.keys, "integrity": m,
                                "ratio": statistics.median(ratios), "ratios": ratios,
                                "ps_ms": 1000 * ps_s, "echo_ms": 1000 * echo_s, "ps_gb_s": 2 * nbytes / ps_s / 1e9}
                         rows.append(row)

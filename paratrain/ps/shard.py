@@ -47,6 +47,17 @@ def group_slots(keys: list[KeySpec]) -> tuple[list[int], dict[int, tuple[int, in
     return sizes, slot
 
 
+class Grads:
+    """A validated push: ``runs`` of dense gradient ``(group, offset, values)``, ``keys`` decoded
+    one by one (``(key, ("dense", values) | ("rows", idx, rows))``), ``nkeys`` covered."""
+
+    def __init__(self, runs: list[tuple[int, int, torch.Tensor]], keys: list[tuple[KeySpec, tuple]], nkeys: int):
+        self.runs, self.keys, self.nkeys = runs, keys, nkeys
+
+    def __bool__(self) -> bool:
+        return self.nkeys > 0
+
+
 class Shard:
     """Parameters + gradient buffers + optimizer of one server's keys."""
 
@@ -61,7 +72,6 @@ class Shard:
         self.params = list(self.flat.split(self.sizes))
         self.grads = [torch.zeros(n) for n in self.sizes]
         self.grad_view = {k.id: self.view(self.grads, k) for k in keys}  # (the buffers are never replaced)
-        self.sole = {k.id: self.slot[k.id][0] for k in keys if k.numel == self.sizes[self.slot[k.id][0]]}
         for k, v in zip(keys, values, strict=True):
             self.view(self.params, k).copy_(v.reshape(-1))
         self.optimizer = self._make_optimizer()
@@ -88,43 +98,40 @@ class Shard:
         for g in self.grads:
             g.zero_()
 
-    def add_grad(self, key: KeySpec, decoded: tuple, weight: float = 1.0) -> None:
-        """Add ``weight`` x one decoded key gradient (dense or sparse rows) to the buffers."""
-        dst = self.grad_view[key.id]
-        if decoded[0] == "dense":
-            dst.add_(decoded[1], alpha=weight)
-        else:
-            _, idx, rows = decoded
-            dst.view(key.shape).index_add_(0, idx, rows, alpha=weight)
+    def add_grads(self, grads: Grads, weight: float = 1.0) -> None:
+        """Add ``weight`` x a push's gradients to the buffers (dense parts in one foreach op)."""
+        dst = [self.grads[g][off:off + len(t)] for g, off, t in grads.runs]
+        src = [t for _, _, t in grads.runs]
+        for k, d in grads.keys:
+            if d[0] == "dense":
+                dst.append(self.grad_view[k.id])
+                src.append(d[1])
+            else:
+                _, idx, rows = d
+                self.grad_view[k.id].view(k.shape).index_add_(0, idx, rows, alpha=weight)
+        if dst:
+            torch._foreach_add_(dst, src, alpha=weight)
 
-    def add_grads(self, grads: list[tuple[KeySpec, tuple]], weight: float = 1.0) -> None:
-        """Add ``weight`` x decoded key gradients to the buffers (dense keys in one foreach op)."""
-        dense = [(self.grad_view[k.id], g[1]) for k, g in grads if g[0] == "dense"]
-        if dense:
-            dst, src = zip(*dense, strict=True)
-            torch._foreach_add_(list(dst), list(src), alpha=weight)
-        for k, g in grads:
-            if g[0] != "dense":
-                self.add_grad(k, g, weight)
-
-    def set_grads(self, grads: list[tuple[KeySpec, tuple]]) -> None:
+    def set_grads(self, grads: Grads) -> None:
         """The next :meth:`apply`'s gradient := one push's.  When the push covers every key densely
-        the received tensors are used as they are (a group of one key) or copied straight in."""
+        the received tensors are used as they are (one covering a whole group) or copied straight in."""
         self.alias = [None] * len(self.grads)
-        if len(grads) == len(self.keys) and all(g[0] == "dense" for _, g in grads):
-            copy = []
-            for k, g in grads:
-                gi = self.sole.get(k.id)
-                if gi is None:
-                    copy.append((self.grad_view[k.id], g[1]))
-                else:  # the only key of its group: the received tensor is the gradient, no copy
-                    self.alias[gi] = g[1]
-            if copy:
-                dst, src = zip(*copy, strict=True)
-                torch._foreach_copy_(list(dst), list(src))
-        else:
+        if grads.nkeys != len(self.keys) or any(d[0] != "dense" for _, d in grads.keys):
             self.zero_grad()
             self.add_grads(grads)
+            return
+        dst, src = [], []
+        for g, off, t in grads.runs:
+            if off == 0 and len(t) == self.sizes[g]:  # the whole group: no copy at all
+                self.alias[g] = t
+            else:
+                dst.append(self.grads[g][off:off + len(t)])
+                src.append(t)
+        for k, d in grads.keys:
+            dst.append(self.grad_view[k.id])
+            src.append(d[1])
+        if dst:
+            torch._foreach_copy_(dst, src)
 
     def scale_grad(self, factor: float) -> None:
         if factor != 1.0:

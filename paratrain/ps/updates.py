@@ -38,7 +38,7 @@ from paratrain.ps.protocol import (
     ProtocolError,
     frame_tensors,
 )
-from paratrain.ps.shard import Shard, clip_coef
+from paratrain.ps.shard import Grads, Shard, clip_coef
 from paratrain.ps.wire import decode_key
 
 LR_MAX = 1e3  # a learning rate above this is taken for a corrupt or hostile message
@@ -65,37 +65,48 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 
 
 class PushPlan:
-    """Which key each record of a push's table is and how its gradient is read: packed (-1), the
-    frame itself (record None: plain fp32 of the key's size) or a codec to decode."""
+    """How a push's table maps onto the shard, checked once per distinct table.
 
-    def __init__(self, items: list[tuple[KeySpec, KeyRecord | None, int]], pack_sizes: list[int]):
-        self.items, self.pack_sizes = items, pack_sizes
-        self.pack_numel = sum(pack_sizes)
-        self.plain = all(rec is None for _, rec, _ in items)
+    Plain fp32 gradients become *runs*, each a slice of a frame copied to one place in the
+    shard's gradient buffers: consecutive packed keys that sit back to back there merge into
+    one run (workers pack in the buffers' order), and a key with a frame of its own is a run.
+    Records with a codec (or sparse rows) are decoded key by key."""
+
+    def __init__(self, runs: list[tuple[int, int, int, int, int]], coded: list[tuple[KeySpec, KeyRecord, int]],
+                 pack_numel: int, nkeys: int):
+        self.runs, self.coded, self.pack_numel, self.nkeys = runs, coded, pack_numel, nkeys
 
     @classmethod
     def make(cls, msg: Message, shard: Shard, packed: bool) -> PushPlan:
         """Check the table (keys held here, each once; packed records well formed) and plan it."""
-        items, sizes, seen, i = [], [], set(), int(packed)
+        runs: list[list[int]] = []  # [frame, start, end, group, offset]
+        coded, seen, i, pos = [], set(), int(packed), 0
         for rec in msg.keys:
             key = shard.by_id.get(rec.key)
             if key is None or rec.key in seen:
                 raise ProtocolError("malformed", f"key {rec.key} is not held here or repeats")
             seen.add(rec.key)
+            g, off = shard.slot[key.id]
             if rec.flags & KEY_PACKED:
                 if not packed or rec.ntensors or rec.codec:
                     raise ProtocolError("malformed", f"key {rec.key}: bad packed record")
-                items.append((key, None, -1))
-                sizes.append(key.numel)
+                last = runs[-1] if runs else None
+                if last and last[0] == 0 and last[2] == pos and last[3] == g and last[4] + last[2] - last[1] == off:
+                    last[2] += key.numel
+                else:
+                    runs.append([0, pos, pos + key.numel, g, off])
+                pos += key.numel
                 continue
             fr = msg.frame_recs[i] if rec.ntensors == 1 else None
-            plain = rec.codec == 0 and not rec.flags and fr is not None and fr.dtype == DTYPE_IDS[torch.float32] \
-                and math.prod(fr.shape) == key.numel
-            items.append((key, None if plain else rec, i))
+            if rec.codec == 0 and not rec.flags and fr is not None and fr.dtype == DTYPE_IDS[torch.float32] \
+                    and math.prod(fr.shape) == key.numel:
+                runs.append([i, 0, key.numel, g, off])
+            else:
+                coded.append((key, rec, i))
             i += rec.ntensors
-        if packed and not sizes:
+        if packed and not pos:
             raise ProtocolError("malformed", "a pack frame without packed keys")
-        return cls(items, sizes)
+        return cls([tuple(r) for r in runs], coded, pos, len(seen))
 
 
 class UpdateRules:
@@ -135,8 +146,8 @@ class UpdateRules:
             self._plans[(msg.desc, packed)] = plan
         return plan
 
-    def _decode_push(self, msg: Message) -> list[tuple[KeySpec, tuple]]:
-        """Validated ``(key, decoded gradient)`` pairs of a push (raises ProtocolError)."""
+    def _decode_push(self, msg: Message) -> Grads:
+        """The validated gradients of a push (raises ProtocolError)."""
         shard, h = self._require_shard(), msg.header
         _check_value("learning rate", h.f0, LR_MAX)
         _check_value("weight", h.f1, WEIGHT_MAX)
@@ -144,25 +155,18 @@ class UpdateRules:
             _check_value("clip coefficient", h.f2, 1.0)
         plan = self._push_plan(msg, shard)
         tensors = frame_tensors(msg)
-        pieces = iter(())
-        if plan.pack_sizes:
-            if tensors[0].numel() != plan.pack_numel:
-                raise ProtocolError("wrong length", f"pack frame of {tensors[0].numel()} values, "
-                                                    f"keys use {plan.pack_numel}")
-            pieces = iter(tensors[0].split_with_sizes(plan.pack_sizes))
-        out = []
-        for key, rec, i in plan.items:
-            if i < 0:  # packed
-                out.append((key, ("dense", next(pieces))))
-            elif rec is None:  # plain fp32: the frame itself, no decode
-                t = tensors[i]
-                out.append((key, ("dense", t if t.dim() == 1 else t.view(-1))))
-            else:
-                out.append((key, decode_key(rec, tensors[i:i + rec.ntensors], key)))
-        # a plain push's gradients are exactly its frames: check those (fewer tensors)
-        if not all_finite(tensors if plan.plain else [g[-1] for _, g in out]):
+        if plan.pack_numel and tensors[0].numel() != plan.pack_numel:
+            raise ProtocolError("wrong length", f"pack frame of {tensors[0].numel()} values, "
+                                                f"keys use {plan.pack_numel}")
+        runs = []
+        for f, a, b, g, off in plan.runs:
+            t = tensors[f] if tensors[f].dim() == 1 else tensors[f].view(-1)
+            runs.append((g, off, t if a == 0 and b == len(t) else t[a:b]))
+        keys = [(key, decode_key(rec, tensors[i:i + rec.ntensors], key)) for key, rec, i in plan.coded]
+        # without codecs the gradients are exactly the frames: check those (fewer tensors)
+        if not all_finite(tensors if not keys else [t for _, _, t in runs] + [d[-1] for _, d in keys]):
             raise ProtocolError("bad value", "non-finite gradient values; update refused")
-        return out
+        return Grads(runs, keys, plan.nkeys)
 
     def _on_push(self, ident: bytes, msg: Message) -> None:
         h, w = msg.header, msg.header.worker
@@ -201,7 +205,7 @@ class UpdateRules:
         else:
             self._send_params(ident, h, flags=Flag.DUPLICATE)
 
-    def _push_sync(self, ident: bytes, msg: Message, grads: list) -> None:
+    def _push_sync(self, ident: bytes, msg: Message, grads: Grads) -> None:
         h, w, shard = msg.header, msg.header.worker, self._require_shard()
         rnd = self.round
         if w in rnd.weights:  # a restarted process of a worker already in this round: count it once

@@ -54,7 +54,7 @@ from paratrain.ps.protocol import (
     tensor_frame,
 )
 from paratrain.ps.pushlog import Entry, PushLog
-from paratrain.ps.shard import clip_coef
+from paratrain.ps.shard import clip_coef, group_slots
 from paratrain.ps.wire import PushEncoder
 
 log = logging.getLogger("paratrain.ps.worker")
@@ -186,7 +186,8 @@ class PSWorker:
         keys = [k for k in self.keys_of[i] if k.numel]
         if any(k.sparse and len(k.shape) == 2 and k.shape[0] > 1 for k in keys):
             return None
-        small = [k for k in keys if k.numel * 4 < PACK_BELOW]
+        slot = group_slots(self.keys_of[i])[1]  # packed in the server's buffer order: it copies runs, not keys
+        small = sorted((k for k in keys if k.numel * 4 < PACK_BELOW), key=lambda k: slot[k.id])
         big = [k for k in keys if k.numel * 4 >= PACK_BELOW]
         recs = [KeyRecord(k.id, 0, 0, KEY_PACKED) for k in small] + [KeyRecord(k.id, 0, 1) for k in big]
         frecs = ([FrameRecord(DTYPE_IDS[torch.float32], (sum(k.numel for k in small),))] if small else []) \
