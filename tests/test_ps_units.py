@@ -16,6 +16,7 @@ from torch import nn
 from paratrain.config import Config
 from paratrain.ps.client import PSClient, connect_authenticated
 from paratrain.ps.consistency import Clocks, Membership, SyncRound
+from paratrain.ps.landing import Landing
 from paratrain.ps.launch import free_ports
 from paratrain.ps.placement import ParamInfo, place
 from paratrain.ps.protocol import (
@@ -32,6 +33,7 @@ from paratrain.ps.protocol import (
     frame_tensors,
 )
 from paratrain.ps.server import ParameterServer
+from paratrain.ps.shard import group_slots
 from paratrain.ps.strategy import param_infos
 from paratrain.ps.wire import PushEncoder
 from paratrain.ps.worker import PSWorker
@@ -124,6 +126,36 @@ def test_encode_decode_round_trip_and_rejections():
     head = bad_len.pack()
     with pytest.raises(ProtocolError, match="wrong length"):
         decode([head, b"abcd", s.mac([head, b"abcd"])], s, 1 << 20)
+
+
+def test_replies_land_in_the_parameters_memory():
+    """Whole parameters become views of per-server runs, split ones are copied chunk by chunk,
+    and a parameter whose storage is replaced afterwards still gets its values."""
+    params = [torch.zeros(40, 8), torch.zeros(3), torch.zeros(5, 2), torch.zeros(7)]
+    infos = [ParamInfo(f"p{i}", tuple(t.shape), decay=t.dim() > 1) for i, t in enumerate(params)]
+    layout = place(infos, 2)
+    assert len([k for k in layout.keys if k.param == 0]) == 2  # the big one is split over both servers
+    keys_of = [layout.server_keys(i) for i in range(2)]
+    landing = Landing(params, keys_of)
+
+    def expected(flats: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = [torch.zeros(t.numel()) for t in params]
+        for i, keys in enumerate(keys_of):
+            sizes, slot = group_slots(keys)
+            for k in keys:
+                g, off = slot[k.id]
+                start = off + (sizes[0] if g else 0)
+                out[k.param][k.offset:k.offset + k.numel] = flats[i][start:start + k.numel]
+        return out
+
+    for step in range(3):
+        if step == 2:
+            params[1].data = torch.full((3,), -1.0)  # someone replaces a parameter's storage
+        flats = [torch.randn(landing.numel(i)) for i in range(2)]
+        for i in range(2):
+            landing.land(i, flats[i])
+        for t, want in zip(params, expected(flats), strict=True):
+            assert torch.equal(t.view(-1), want)
 
 
 def test_placement_balances_bytes_and_chunks_big_tensors():
