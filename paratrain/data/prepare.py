@@ -35,6 +35,7 @@ from paratrain.data.tokenizer import (
 from paratrain.fileio import write_json_atomic
 
 BOUNDARIES = ("eos", "bos", "bos_eos", "none")
+JOB_TIMEOUT_S = 600  # one chunk of text per job: seconds of work at most
 Job = list[tuple[str, bool, bool]]  # (text, first piece of a document, last piece)
 
 _worker: dict[str, Any] = {}  # per worker process: tokenizer, boundary ids, dtype
@@ -176,16 +177,18 @@ def prepare(
     else:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are the parallelism
         args = (str(path) if path else None, tok.name, special_ids(tok), boundary, dtype.str)
-        pool = mp.get_context("fork").Pool(workers, _init_worker, args)
+        # forkserver, not fork: a fork of a process with threads (torch's, ZeroMQ's, a test
+        # runner's) can copy a held lock into the worker, which then never answers
+        pool = mp.get_context("forkserver").Pool(workers, _init_worker, args)
         try:
             pending: deque = deque()
             for job in jobs:
                 pending.append(pool.apply_async(encode_job, (job,)))
                 while len(pending) >= in_flight:
-                    sink.append(pending.popleft().get())
+                    sink.append(_result(pending.popleft()))
                     bar.update(sink.total, counts[0])
             while pending:
-                sink.append(pending.popleft().get())
+                sink.append(_result(pending.popleft()))
             pool.close()
         finally:
             pool.terminate()
@@ -197,3 +200,12 @@ def prepare(
             "total_tokens": sink.total, "documents": counts[0], "boundary": boundary, "source": source}
     write_json_atomic(out / META, meta)
     return meta
+
+
+def _result(job: Any) -> Any:
+    """A worker's encoded chunk; a worker that died or hangs is an error, not a wait forever."""
+    try:
+        return job.get(timeout=JOB_TIMEOUT_S)
+    except mp.TimeoutError:
+        raise RuntimeError(f"a tokenizer worker gave no result within {JOB_TIMEOUT_S} s (killed? out of memory?); "
+                           "run again with --workers 1 to see its error") from None
