@@ -91,7 +91,6 @@ DTYPES: list[torch.dtype] = [torch.float32, torch.float16, torch.bfloat16, torch
                              torch.int64, torch.uint8, torch.float64]
 DTYPE_IDS = {d: i for i, d in enumerate(DTYPES)}
 DTYPE_SIZES = [torch.empty((), dtype=d).element_size() for d in DTYPES]
-ALIGN = dict(zip(DTYPES, DTYPE_SIZES, strict=True))
 
 
 class ProtocolError(ValueError):
@@ -183,7 +182,7 @@ def frame_tensor(buf: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) ->
         t = torch.frombuffer(bytearray(buf), dtype=dtype)
     else:
         t = torch.frombuffer(buf, dtype=dtype)
-        if t.data_ptr() % ALIGN[dtype]:
+        if t.data_ptr() % t.element_size():
             t = t.clone()
     return t if len(shape) == 1 else t.view(shape)
 

@@ -165,10 +165,6 @@ class Shard:
             self._wire = (self.flat, self.flat.view(torch.uint8).numpy())
         return self._wire[1]
 
-    def param_groups(self) -> list[torch.Tensor]:
-        """The two flat parameter tensors (decay, no decay), views of :attr:`flat`."""
-        return list(self.params)
-
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"keys": [k.to_json() for k in self.keys], "params": [p.clone() for p in self.params],

@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch._C._nn import flatten_dense_tensors
@@ -70,9 +70,14 @@ class StepStats:
     pushes: int = 0
 
 
-def _wire(t: torch.Tensor) -> Any:
-    """A contiguous 1-D CPU fp32 tensor as a byte array for a frame (zero-copy)."""
-    return t.detach().view(torch.uint8).numpy()
+class PlainPush(NamedTuple):
+    """What a plain push (fp32, every gradient present) to one server always looks like."""
+
+    recs: list[KeyRecord]
+    frecs: list[FrameRecord]
+    small: list[tuple[int, int, int, bool]]  # packed: (param, start, end, the whole parameter)
+    big: list[tuple[int, int, int, bool]]  # a frame each
+    desc: bytes  # pack_desc(recs, frecs)
 
 
 class PSWorker:
@@ -179,10 +184,10 @@ class PSWorker:
         self.clock += 1
         return Entry(self.clock, lr, weight, bodies, list(self.versions))
 
-    def _make_push_plan(self, i: int) -> tuple | None:
-        """What a plain push (fp32, every gradient present) to server ``i`` always looks like: its
-        key and frame records, and which gradient slices go packed / in frames of their own.
-        None when a key may go as sparse rows (its records depend on the gradient)."""
+    def _make_push_plan(self, i: int) -> PlainPush | None:
+        """Server ``i``'s plain push: its key and frame records, and which gradient slices go
+        packed / in frames of their own.  None when a key may go as sparse rows (its records
+        depend on the gradient)."""
         keys = [k for k in self.keys_of[i] if k.numel]
         if any(k.sparse and len(k.shape) == 2 and k.shape[0] > 1 for k in keys):
             return None
@@ -193,17 +198,17 @@ class PSWorker:
         frecs = ([FrameRecord(DTYPE_IDS[torch.float32], (sum(k.numel for k in small),))] if small else []) \
             + [FrameRecord(DTYPE_IDS[torch.float32], (k.numel,) if len(k.shape) == 1 else k.shape) for k in big]
         cut = lambda k: (k.param, k.offset, k.offset + k.numel, k.numel == self.params[k.param].numel())  # noqa: E731
-        return recs, frecs, [cut(k) for k in small], [cut(k) for k in big], pack_desc(recs, frecs)
+        return PlainPush(recs, frecs, [cut(k) for k in small], [cut(k) for k in big], pack_desc(recs, frecs))
 
     def _plain_body(self, i: int, grads: list[torch.Tensor]) -> tuple:
         """Server ``i``'s push body from its cached plan: one pack frame for the small keys, one
         frame per large key, fp32, zero-copy where the gradient is contiguous."""
-        recs, frecs, small, big, _ = self._push_plans[i]
-        frames = [_wire(grads[p].reshape(-1)[a:b]) for p, a, b, _ in big]
-        if small:  # one C++ call flattens and joins them (whole parameters need no slicing)
-            parts = [grads[p] if whole else grads[p].reshape(-1)[a:b] for p, a, b, whole in small]
-            frames.insert(0, _wire(flatten_dense_tensors(parts)))
-        return recs, frecs, frames, bool(small)
+        plan = self._push_plans[i]
+        frames = [tensor_frame(grads[p].reshape(-1)[a:b]) for p, a, b, _ in plan.big]
+        if plan.small:  # one C++ call flattens and joins them (whole parameters need no slicing)
+            parts = [grads[p] if whole else grads[p].reshape(-1)[a:b] for p, a, b, whole in plan.small]
+            frames.insert(0, tensor_frame(flatten_dense_tensors(parts)))
+        return plan.recs, plan.frecs, frames, bool(plan.small)
 
     def _send_push(self, i: int, e: Entry) -> int:
         recs, frecs, frames, packed = e.bodies[i]
@@ -212,7 +217,7 @@ class PSWorker:
         flags = (Flag.HAS_COEF if e.coef is not None else 0) | (Flag.PACKED if packed else 0)
         e.sent_at = time.perf_counter()
         return self.client.send(i, Msg.PUSH, keys=recs, frame_recs=frecs, frames=frames, clock=e.clock,
-                                desc=plan[4] if plan is not None and recs is plan[0] else None,
+                                desc=plan.desc if plan is not None and recs is plan.recs else None,
                                 version=e.base[i], key_start=start, key_count=count, flags=int(flags),
                                 f0=e.lr, f1=e.weight, f2=e.coef or 0.0)
 
