@@ -134,6 +134,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         results = {c: _train_one(c, rank, world) for c in ["none", *CODECS]}
         if rank == 0:
             Path(out).write_text(json.dumps(results))
+        dist.barrier()  # both ranks done before rank 0 (the store's host) tears the group down
     finally:
         dist.destroy_process_group()
 
