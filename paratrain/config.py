@@ -145,6 +145,10 @@ class PSConfig:
     optimizer: str = ""  # optimizer the servers apply; empty: train.optimizer
     max_message_mb: float = 1024.0  # largest message a server accepts
     integrity: str = "none"  # none: connections authenticated once; mac: every message keyed-hashed too
+    # sync / ssp: send each server's push as soon as backward has finished its gradients (not with ssp + clipping)
+    overlap: bool = True
+    # ordered: parameters dealt out in backward's order (overlap needs it); balanced: largest first (old checkpoints)
+    placement: str = "ordered"
 
 
 @dataclass

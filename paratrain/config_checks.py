@@ -34,6 +34,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("ps", "mode"): ("sync", "async", "ssp"),
     ("ps", "transport"): ("tcp", "ipc"),
     ("ps", "integrity"): ("none", "mac"),
+    ("ps", "placement"): ("ordered", "balanced"),
     ("ps", "optimizer"): ("", "adamw", "sgd"),
     ("compression", "gradient"): ("none", "fp16", "bf16", "int8", "topk", "powersgd"),
     ("compression", "int8_rounding"): ("nearest", "stochastic"),
@@ -147,6 +148,9 @@ def check_combinations(cfg: Config) -> None:
         )
     if p.sync == "ps" and (p.tp > 1 or p.pp > 1 or p.zero):
         raise ConfigError("parallel.sync = 'ps' works with plain data parallel only (tp = pp = 1, zero = 0)")
+    if p.sync == "ps" and cfg.train.precision == "fp16":
+        raise ConfigError("parallel.sync = 'ps' trains in fp32 or bf16 (fp16's loss scaling would need the workers "
+                          "to agree on skipped steps); set train.precision = 'bf16'")
     if cfg.debug.delay_rank >= world or cfg.debug.kill_rank >= world:
         raise ConfigError(f"debug rank is out of range for parallel.nproc = {world}")
     if p.sync == "ps" and cfg.debug.kill_server >= cfg.ps.servers:

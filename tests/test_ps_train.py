@@ -48,9 +48,9 @@ def runs(tmp_path_factory, corpus):
         # sync, SGD, 1 server; worker 1 is SIGKILLed before step 12
         "sync_sgd": run("sync_sgd", *PS2, "--ps.mode=sync", "--train.optimizer=sgd", "--debug.kill_rank=1",
                         "--debug.kill_at_step=12", '--ps.secret="user-given-secret-abcdef"'),
-        # sync, AdamW, 2 servers (two-phase clipping); server 1 is SIGKILLed at step 7, checkpoints every 4;
-        # logged every 2 steps and evaluated every 3, so most replies are installed by the next forward
-        # (not by the logged-loss collective) and evals run right after a deferred push
+        # sync, AdamW, 2 servers (two-phase clipping, pushes during backward); server 1 is SIGKILLed at step 7,
+        # checkpoints every 4; logged every 2 steps and evaluated every 3, so most replies are installed by the
+        # next forward (not by the logged-loss collective) and evals run right after a deferred push
         "sync_adamw": run("sync_adamw", *PS2, "--ps.mode=sync", "--ps.servers=2", "--checkpoint.every=4",
                           "--debug.kill_server=1", "--debug.kill_server_at_step=7", "--train.log_every=2",
                           "--train.eval_every=3"),
@@ -93,6 +93,7 @@ def test_sync_adamw_two_servers_matches_even_across_a_server_crash(runs):
     assert not (root / "sync_adamw" / "ps" / "pushlog" / "worker0").exists()  # removed when the worker ends
     a, b = losses(root / "ref_adamw"), losses(root / "sync_adamw")
     assert sorted(b) == list(range(2, STEPS + 1, 2))
+    assert sum(x["ps_early_pushes"] for x in m) > STEPS  # ps.overlap: most server pushes left during backward
     for step in b:  # replayed pushes (read back from the disk log): nothing acknowledged was lost
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
     va = {x["step"]: x["val_loss"] for x in metrics(root / "ref_adamw") if "val_loss" in x}

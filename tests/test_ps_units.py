@@ -52,8 +52,9 @@ def cfg_for(mode: str = "sync", **extra: object) -> Config:
 class ServerThread:
     """A ParameterServer serving from a thread; ``stop()`` ends it abruptly (like a crash)."""
 
-    def __init__(self, cfg: Config, n_workers: int = 1, endpoint: str = "tcp://127.0.0.1:*", resume=None):
-        self.srv = ParameterServer(cfg, 0, endpoint, SECRET, n_workers, 1, resume=resume, job_id="unit")
+    def __init__(self, cfg: Config, n_workers: int = 1, endpoint: str = "tcp://127.0.0.1:*", resume=None,
+                 index: int = 0, n_servers: int = 1):
+        self.srv = ParameterServer(cfg, index, endpoint, SECRET, n_workers, n_servers, resume=resume, job_id="unit")
         self._stop = threading.Event()
         self._th = threading.Thread(target=self.srv.serve, args=(self._stop,), daemon=True)
         self._th.start()
@@ -159,17 +160,24 @@ def test_replies_land_in_the_parameters_memory():
 
 
 def test_placement_balances_bytes_and_chunks_big_tensors():
-    params = [ParamInfo("emb", (1000, 8), True, True), ParamInfo("w", (64, 8)), ParamInfo("b", (8,), False)]
-    layout = place(params, 3)
-    loads = [layout.server_bytes(i) for i in range(3)]
-    assert sum(loads) == 4 * (8000 + 512 + 8)
-    assert max(loads) - min(loads) <= 4 * 8 * 334  # within one chunk of rows
-    emb = [k for k in layout.keys if k.name == "emb"]
-    assert len(emb) > 1 and all(k.offset % 8 == 0 and k.shape[1] == 8 for k in emb)  # row-aligned chunks
-    for i in range(3):  # each server owns one contiguous key range
-        start, count = layout.key_range(i)
-        assert [k.id for k in layout.server_keys(i)] == list(range(start, start + count))
-    assert place(params, 3).digest == layout.digest != place(params, 2).digest
+    params = [ParamInfo("emb", (1000, 8), True, True), ParamInfo("w", (64, 8)), ParamInfo("b", (8,), False),
+              ParamInfo("empty", (0, 4))]
+    for order in ("ordered", "balanced"):
+        layout = place(params, 3, order)
+        loads = [layout.server_bytes(i) for i in range(3)]
+        assert sum(loads) == 4 * (8000 + 512 + 8)
+        assert max(loads) - min(loads) <= 4 * 8 * (1 if order == "ordered" else 334)  # a row / a chunk of rows
+        emb = [k for k in layout.keys if k.name == "emb"]
+        assert len(emb) > 1 and all(k.offset % 8 == 0 and k.shape[1] == 8 for k in emb)  # row-aligned chunks
+        for i in range(3):  # each server owns one contiguous key range
+            start, count = layout.key_range(i)
+            assert [k.id for k in layout.server_keys(i)] == list(range(start, start + count))
+        assert place(params, 3, order).digest == layout.digest != place(params, 2, order).digest
+    ordered = place(params, 3)  # backward's order: server 0 holds the last parameters, the last server the first rows
+    assert {k.name for k in ordered.server_keys(0)} == {"emb", "w", "b", "empty"}
+    assert [k.offset for k in ordered.keys if k.name == "emb"] == sorted(
+        (k.offset for k in ordered.keys if k.name == "emb"), reverse=True)
+    assert place(params[:3], 1).digest == place(params[:3], 1, "balanced").digest  # one server: unchanged
 
 
 def test_ssp_clock_bound_holds_under_random_schedules():

@@ -1,11 +1,19 @@
 """Which server holds which parameters: keys, chunks and a byte-balanced placement.
 
-Every parameter becomes one or more *keys*.  A tensor larger than a server's fair share
-(total bytes / servers) is split into chunks along its first dimension (row-aligned, so an
-embedding's rows stay whole); then keys are assigned largest first to the least-loaded
-server.  Key ids are numbered server by server, so each server owns one contiguous key
-range ``[start, start + count)``.  Workers and servers compute the same layout from the same
-parameter list; its digest guards against a worker whose model differs from the server's.
+Every parameter becomes one or more *keys*, and each server gets about the same bytes:
+
+* ``ordered`` (the default): the parameters are dealt out in reverse order, the order backward
+  finishes their gradients, server 0 first; a parameter that crosses a server's fair share
+  (total bytes / servers) is cut there, at a row boundary.  So each server's gradients are
+  complete at one point of backward, and its push can leave while backward goes on
+  (``ps.overlap``; see :mod:`paratrain.ps.overlap`).
+* ``balanced``: tensors larger than the fair share are split into chunks, then keys go largest
+  first to the least-loaded server (the layout of checkpoints written before ``ordered``).
+
+Chunks are row-aligned, so an embedding's rows stay whole.  Key ids are numbered server by
+server, so each server owns one contiguous key range ``[start, start + count)``.  The worker
+sends the layout to the servers; its digest guards against a worker whose model differs from
+the server's.
 """
 
 from __future__ import annotations
@@ -89,7 +97,7 @@ def _chunks(p: ParamInfo, index: int, fair: int) -> list[tuple[int, int, int, tu
     else:
         rows, row_len = numel, 1
     n = max(1, min(rows, math.ceil(numel / max(1, fair))))
-    per = math.ceil(rows / n)
+    per = max(1, math.ceil(rows / n))
     out = []
     for r0 in range(0, rows, per):
         r1 = min(rows, r0 + per)
@@ -100,19 +108,51 @@ def _chunks(p: ParamInfo, index: int, fair: int) -> list[tuple[int, int, int, tu
     return out
 
 
-def place(params: list[ParamInfo], n_servers: int) -> Layout:
-    """Split and assign ``params`` to ``n_servers`` servers, balancing bytes (largest first)."""
+def _ordered(params: list[ParamInfo], n_servers: int, fair: int) -> dict[tuple, int]:
+    """Deal the parameters out, last first, in runs of about ``fair`` elements per server,
+    cutting at row boundaries: {(param, offset, numel, shape): server}."""
+    owner: dict[tuple, int] = {}
+    server, room = 0, fair
+    for index in reversed(range(len(params))):
+        shape = params[index].shape
+        numel = math.prod(shape) if shape else 1
+        row_len = math.prod(shape[1:]) if len(shape) >= 2 else 1
+        rows = shape[0] if len(shape) >= 2 else numel
+        end = rows  # rows go from the end of the tensor backwards
+        while True:
+            last = server == n_servers - 1
+            take = end if last or not row_len else min(end, max(0, round(room / row_len)))
+            if take or end == 0:
+                piece = (take, row_len) if len(shape) >= 2 else (take,)
+                owner[(index, (end - take) * row_len, take * row_len, piece)] = server
+                end, room = end - take, room - take * row_len
+            if end == 0:
+                break
+            server, room = server + 1, room + fair  # full: the next one, carrying the rounding over
+    return owner
+
+
+def place(params: list[ParamInfo], n_servers: int, order: str = "ordered") -> Layout:
+    """Split and assign ``params`` to ``n_servers`` servers, balancing bytes (``order``:
+    "ordered" or "balanced", see the module docstring)."""
     if n_servers < 1:
         raise ValueError("need at least one server")
     total = sum(math.prod(p.shape) if p.shape else 1 for p in params)
     fair = math.ceil(total / n_servers) if n_servers > 1 else max(1, total)
-    pieces = [c for i, p in enumerate(params) for c in _chunks(p, i, fair)]
-    load = [0] * n_servers
-    owner: dict[tuple[int, int], int] = {}
-    for piece in sorted(pieces, key=lambda c: (-c[2], c[0], c[1])):
-        s = min(range(n_servers), key=lambda j: (load[j], j))
-        owner[(piece[0], piece[1])] = s
-        load[s] += piece[2]
+    if order == "ordered":
+        dealt = _ordered(params, n_servers, fair)
+        pieces = list(dealt)
+        owner = {(c[0], c[1]): s for c, s in dealt.items()}
+    elif order == "balanced":
+        pieces = [c for i, p in enumerate(params) for c in _chunks(p, i, fair)]
+        load = [0] * n_servers
+        owner = {}
+        for piece in sorted(pieces, key=lambda c: (-c[2], c[0], c[1])):
+            s = min(range(n_servers), key=lambda j: (load[j], j))
+            owner[(piece[0], piece[1])] = s
+            load[s] += piece[2]
+    else:
+        raise ValueError(f"unknown placement order {order!r}")
     keys: list[KeySpec] = []
     for s in range(n_servers):
         mine = sorted((c for c in pieces if owner[(c[0], c[1])] == s), key=lambda c: (c[0], c[1]))

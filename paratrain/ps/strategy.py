@@ -33,6 +33,7 @@ from paratrain.models.loss import count_labels
 from paratrain.parallel.dims import ParallelDims
 from paratrain.parallel.sync import GradSync
 from paratrain.ps.client import PSClient, PSError
+from paratrain.ps.overlap import EarlyPush
 from paratrain.ps.placement import ParamInfo, place
 from paratrain.ps.protocol import Msg
 from paratrain.ps.wire import PushEncoder
@@ -88,6 +89,8 @@ class PSSync(GradSync):
         self.encoder = PushEncoder(cfg.compression, seed=dims.rank)
         self.client: PSClient | None = None
         self.worker: PSWorker | None = None
+        self.early: EarlyPush | None = None
+        self.optimizer: RemoteOptimizer | None = None
         self.model: nn.Module | None = None
         self.resume_clock = 0
         self.last_save_clock = 0
@@ -105,7 +108,7 @@ class PSSync(GradSync):
         model.register_forward_pre_hook(self._before_forward)
         opt = self.cfg.ps.optimizer or self.cfg.train.optimizer
         self.params, infos = param_infos(model, opt)
-        self.layout = place(infos, len(self.endpoints))
+        self.layout = place(infos, len(self.endpoints), self.cfg.ps.placement)
         limit = self.cfg.ps.max_message_mb
         biggest = max(self.layout.server_bytes(i) for i in range(len(self.endpoints))) / 2**20
         if biggest > limit:
@@ -113,7 +116,14 @@ class PSSync(GradSync):
                           "raise it or add servers")
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return RemoteOptimizer(self.cfg.train.lr)
+        self.optimizer = RemoteOptimizer(self.cfg.train.lr)
+        return self.optimizer
+
+    def _overlaps(self) -> bool:
+        """Pushes may leave during backward (see paratrain.ps.overlap for when that is sound)."""
+        ps = self.cfg.ps
+        return (ps.overlap and len(self.endpoints) > 1 and self.mode != "async"
+                and (self.mode == "sync" or self.cfg.train.grad_clip <= 0))
 
     def _connect(self) -> PSWorker:
         if self.worker is None:
@@ -125,6 +135,10 @@ class PSSync(GradSync):
             self.worker = PSWorker(self.client, self.layout, self.params, self.encoder, self.mode, two_phase,
                                    keep_log=self.cfg.checkpoint.every > 0, max_norm=self.cfg.train.grad_clip,
                                    log_dir=self.cfg.run_dir / "ps" / "pushlog" / f"worker{self.dims.rank}")
+            if self._overlaps():
+                w = self.worker
+                self.early = EarlyPush(self.params, w.keys_of,
+                                       lambda i: w.push_early(i, self.optimizer.param_groups[0]["lr"], self._weight))
         return self.worker
 
     def _sync_params(self) -> None:
@@ -147,9 +161,19 @@ class PSSync(GradSync):
         count = getattr(loss_fn, "count", count_labels)  # user losses weigh their own batches
         self._weight = float(max(sum(count(b) for b in micro_batches), 1))
         self._tokens = sum(tokens_in(b) for b in micro_batches)
-        total = super().forward_backward(model, micro_batches, loss_fn, 1.0 / self._weight, autocast)
+        if self.early is not None:
+            self.early.arm()
+        try:
+            total = super().forward_backward(model, micro_batches, loss_fn, 1.0 / self._weight, autocast)
+        finally:
+            if self.early is not None:
+                self.early.disarm()
         self._loss = float(total) / self._weight
         return total
+
+    def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Accumulation micro-batches: their gradients are not final, so nothing is pushed early."""
+        return self.early.paused() if self.early is not None else contextlib.nullcontext()
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
         norm = 0.0
@@ -240,6 +264,7 @@ class PSSync(GradSync):
             "ps_wait_ms": sum(st.wait_ms) / max(1, len(st.wait_ms)),
             "ps_staleness_hist": {str(k): v for k, v in sorted(st.staleness.items())},
             "ps_clock_gap": st.max_gap,
+            "ps_early_pushes": st.early,  # server pushes that left during backward (ps.overlap)
             "compressed": self.encoder.active != "none",
         }
         if w.pushlog is not None:  # replay log: memory holds only pushes not yet written to disk
@@ -294,6 +319,9 @@ class PSSync(GradSync):
         return out
 
     def close(self) -> None:
+        if self.early is not None:
+            self.early.close()
+            self.early = None
         if self.worker is not None:
             with contextlib.suppress(Exception):
                 self.client.stop_heartbeats()  # no heartbeat may follow the LEAVE

@@ -14,7 +14,10 @@ With ``wait=False`` (the trainer's path in sync and ssp mode) :meth:`PSWorker.st
 once the push is out, and the reply is installed by :meth:`PSWorker.finish`, which the
 strategy calls just before the next forward: the round trip overlaps the trainer's
 bookkeeping and the next batch's loading, and no forward ever runs on parameters older than
-the mode allows.
+the mode allows.  In sync and ssp mode a server's push can also leave during backward
+(:meth:`PSWorker.push_early`, driven by :mod:`paratrain.ps.overlap`); ``step`` then pushes
+only the servers whose gradients were not complete yet.  Push bodies are built by
+:class:`~paratrain.ps.bodies.PushBodies`.
 
 Recovery: each completed push (its encoded frames, learning rate, weight and clip
 coefficient) goes to a :class:`~paratrain.ps.pushlog.PushLog` on disk until the servers have
@@ -32,33 +35,26 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from torch._C._nn import flatten_dense_tensors
 
+from paratrain.ps.bodies import PushBodies
 from paratrain.ps.client import RESTARTED, PSClient, PSError
 from paratrain.ps.landing import Landing
 from paratrain.ps.placement import KeySpec, Layout, layout_digest
 from paratrain.ps.protocol import (
-    DTYPE_IDS,
-    KEY_PACKED,
     Flag,
-    FrameRecord,
-    KeyRecord,
     Message,
     Msg,
-    frame_record,
     frame_tensor,
-    pack_desc,
     tensor_frame,
 )
 from paratrain.ps.pushlog import Entry, PushLog
-from paratrain.ps.shard import clip_coef, group_slots
+from paratrain.ps.shard import clip_coef
 from paratrain.ps.wire import PushEncoder
 
 log = logging.getLogger("paratrain.ps.worker")
-PACK_BELOW = 1 << 16  # dense fp32 keys smaller than this share one frame
 
 
 @dataclass
@@ -68,16 +64,7 @@ class StepStats:
     staleness: Counter = field(default_factory=Counter)
     max_gap: int = 0
     pushes: int = 0
-
-
-class PlainPush(NamedTuple):
-    """What a plain push (fp32, every gradient present) to one server always looks like."""
-
-    recs: list[KeyRecord]
-    frecs: list[FrameRecord]
-    small: list[tuple[int, int, int, bool]]  # packed: (param, start, end, the whole parameter)
-    big: list[tuple[int, int, int, bool]]  # a frame each
-    desc: bytes  # pack_desc(recs, frecs)
+    early: int = 0  # server pushes sent during backward
 
 
 class PSWorker:
@@ -97,8 +84,9 @@ class PSWorker:
         self.clock_done = 0  # pushes whose reply was installed
         self.versions = [0] * layout.n_servers
         self.pushlog = PushLog(log_dir) if keep_log else None
-        self._push_plans = [self._make_push_plan(i) for i in self.servers]
+        self.bodies = PushBodies(params, self.keys_of, encoder)
         self.inflight: dict[int, int] = {}
+        self.early: Entry | None = None  # this step's entry, while push_early has sent part of it
         self.current: Entry | None = None
         self.stats = StepStats()
         self.recoveries = 0
@@ -113,7 +101,8 @@ class PSWorker:
                 self._init(i)
             elif meta.get("digest") != layout_digest(self.keys_of[i]):
                 raise PSError(f"parameter server {i} holds a different model (layout {meta.get('digest')} vs "
-                              f"{layout_digest(self.keys_of[i])}); start it for this config or remove its checkpoint")
+                              f"{layout_digest(self.keys_of[i])}); start it for this config or remove its checkpoint "
+                              "(one from before ps.placement = 'ordered' resumes with ps.placement = 'balanced')")
         self.pull()
 
     def _hello(self, i: int) -> dict[str, Any]:
@@ -153,71 +142,17 @@ class PSWorker:
             self.stats.max_gap = max(self.stats.max_gap, int(msg.header.f1))
 
     # ---- pushes --------------------------------------------------------------------------------
-    def _encode(self, lr: float, weight: float) -> Entry:
-        grads = [p.grad for p in self.params]
-        plain = self.encoder.active == "none" and all(g is not None and g.dtype == torch.float32 for g in grads)
-        bodies = {}
-        for i in self.servers:
-            if plain and self._push_plans[i] is not None:
-                bodies[i] = self._plain_body(i, grads)
-                continue
-            recs, frecs, frames, pack = [], [], [], []
-            for k in self.keys_of[i]:
-                g = self.params[k.param].grad
-                if g is None or k.numel == 0:
-                    continue
-                g = g.reshape(-1)[k.offset:k.offset + k.numel].view(k.shape)
-                rec, tensors = self.encoder.encode(k, g)
-                recs.append(rec)
-                if rec.codec == 0 and not rec.flags and k.numel * 4 < PACK_BELOW:
-                    rec.ntensors, rec.flags = 0, KEY_PACKED  # small dense key: rides in the pack frame
-                    pack.append(tensors[0].reshape(-1))
-                    continue
-                for t in tensors:
-                    frecs.append(frame_record(t))
-                    frames.append(tensor_frame(t))
-            if pack:  # one frame instead of many small ones (each frame costs ~10 us per hop)
-                packed = torch.cat(pack) if len(pack) > 1 else pack[0].clone()
-                frecs.insert(0, frame_record(packed))
-                frames.insert(0, tensor_frame(packed))
-            bodies[i] = (recs, frecs, frames, bool(pack))
+    def _new_entry(self, lr: float, weight: float) -> Entry:
         self.clock += 1
-        return Entry(self.clock, lr, weight, bodies, list(self.versions))
-
-    def _make_push_plan(self, i: int) -> PlainPush | None:
-        """Server ``i``'s plain push: its key and frame records, and which gradient slices go
-        packed / in frames of their own.  None when a key may go as sparse rows (its records
-        depend on the gradient)."""
-        keys = [k for k in self.keys_of[i] if k.numel]
-        if any(k.sparse and len(k.shape) == 2 and k.shape[0] > 1 for k in keys):
-            return None
-        slot = group_slots(self.keys_of[i])[1]  # packed in the server's buffer order: it copies runs, not keys
-        small = sorted((k for k in keys if k.numel * 4 < PACK_BELOW), key=lambda k: slot[k.id])
-        big = [k for k in keys if k.numel * 4 >= PACK_BELOW]
-        recs = [KeyRecord(k.id, 0, 0, KEY_PACKED) for k in small] + [KeyRecord(k.id, 0, 1) for k in big]
-        frecs = ([FrameRecord(DTYPE_IDS[torch.float32], (sum(k.numel for k in small),))] if small else []) \
-            + [FrameRecord(DTYPE_IDS[torch.float32], (k.numel,) if len(k.shape) == 1 else k.shape) for k in big]
-        cut = lambda k: (k.param, k.offset, k.offset + k.numel, k.numel == self.params[k.param].numel())  # noqa: E731
-        return PlainPush(recs, frecs, [cut(k) for k in small], [cut(k) for k in big], pack_desc(recs, frecs))
-
-    def _plain_body(self, i: int, grads: list[torch.Tensor]) -> tuple:
-        """Server ``i``'s push body from its cached plan: one pack frame for the small keys, one
-        frame per large key, fp32, zero-copy where the gradient is contiguous."""
-        plan = self._push_plans[i]
-        frames = [tensor_frame(grads[p].reshape(-1)[a:b]) for p, a, b, _ in plan.big]
-        if plan.small:  # one C++ call flattens and joins them (whole parameters need no slicing)
-            parts = [grads[p] if whole else grads[p].reshape(-1)[a:b] for p, a, b, whole in plan.small]
-            frames.insert(0, tensor_frame(flatten_dense_tensors(parts)))
-        return plan.recs, plan.frecs, frames, bool(plan.small)
+        return Entry(self.clock, lr, weight, {}, list(self.versions))
 
     def _send_push(self, i: int, e: Entry) -> int:
         recs, frecs, frames, packed = e.bodies[i]
-        plan = self._push_plans[i]
         start, count = self.key_ranges[i]
         flags = (Flag.HAS_COEF if e.coef is not None else 0) | (Flag.PACKED if packed else 0)
         e.sent_at = time.perf_counter()
         return self.client.send(i, Msg.PUSH, keys=recs, frame_recs=frecs, frames=frames, clock=e.clock,
-                                desc=plan.desc if plan is not None and recs is plan.recs else None,
+                                desc=self.bodies.desc(i, recs),
                                 version=e.base[i], key_start=start, key_count=count, flags=int(flags),
                                 f0=e.lr, f1=e.weight, f2=e.coef or 0.0)
 
@@ -226,18 +161,37 @@ class PSWorker:
 
         ``async`` never waits here (the reply is installed before the next push); with
         ``wait=False`` sync and ssp do not either: call :meth:`finish` before the parameters
-        are next used."""
-        e = self._encode(lr, weight)
+        are next used.  Servers already pushed by :meth:`push_early` this step are not pushed
+        again."""
+        e, early = (self.early, True) if self.early is not None else (self._new_entry(lr, weight), False)
+        self.early = None
+        for i in self.servers:
+            if i not in e.bodies:
+                e.bodies[i] = self.bodies.body(i)
         for p in self.params:
             p.grad = None
-        self.finish()
-        self._start(e)
+        if not early:  # (push_early ran only with nothing in flight)
+            self.finish()
+        self.current = e
+        for i in self.servers:
+            if i not in self.inflight:
+                self.inflight[i] = self._send_push(i, e)
         if wait and self.mode != "async":
             self._complete()
 
-    def _start(self, e: Entry) -> None:
-        self.current = e
-        self.inflight = {i: self._send_push(i, e) for i in self.servers}
+    def push_early(self, i: int, lr: float, weight: float) -> None:
+        """Push server ``i``'s share of this step's gradients now, while backward still runs
+        (sync / ssp: nothing is in flight then).  The caller guarantees they are final;
+        :meth:`step` pushes the other servers."""
+        if self.inflight and self.early is None:
+            raise RuntimeError("push_early with a push in flight: finish() it first (sync / ssp only)")
+        if self.early is None:
+            self.early = self._new_entry(lr, weight)
+            self.current = self.early
+        e = self.early
+        e.bodies[i] = self.bodies.body(i)
+        self.inflight[i] = self._send_push(i, e)
+        self.stats.early += 1
 
     def _complete(self) -> None:
         e = self.current
