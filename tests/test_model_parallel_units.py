@@ -38,7 +38,8 @@ BAD_LAYOUTS = [
     (["--parallel.nproc=2", "--parallel.zero=1", "--parallel.cpu_offload=true"], "cpu_offload needs"),
     (["--parallel.nproc=2", "--parallel.tp=2", '--compression.gradient="int8"'], "compresses DDP gradients"),
     (["--parallel.nproc=2", "--parallel.pp=2", "--model.arch=seq2seq", '--data.source="synthetic:reverse"'],
-     "splits the decoder LMs (model.arch = 'gpt' or 'llama')"),    (["--parallel.nproc=2", "--parallel.sync=ps", "--train.precision=fp16"], "set train.precision = 'bf16'"),
+     "splits the decoder LMs (model.arch = 'gpt' or 'llama')"),
+    (["--parallel.nproc=2", "--parallel.sync=ps", "--train.precision=fp16"], "set train.precision = 'bf16'"),
 ]
 
 

@@ -6,6 +6,7 @@ CPU spec is the documented default.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -118,6 +119,12 @@ def test_parameter_server_scales_with_servers() -> None:
     one = estimate(model, Layout(dp=16, microbatch=1, sync="ps", ps_servers=1), setup, CPU_DEFAULT)
     four = estimate(model, Layout(dp=16, microbatch=1, sync="ps", ps_servers=4), setup, CPU_DEFAULT)
     assert four.time_parts["ps_comm"] < one.time_parts["ps_comm"] / 3
+    # ps.overlap: all but the last server's share hides behind backward; one server has nothing to hide
+    for n in (1, 4):
+        lay = Layout(dp=16, microbatch=1, sync="ps", ps_servers=n)
+        on, off = (estimate(model, lay, dataclasses.replace(setup, ps_overlap=o), CPU_DEFAULT) for o in (True, False))
+        assert on.time_parts["ps_comm"] == off.time_parts["ps_comm"] if n == 1 else (
+            on.time_parts["ps_comm"] < off.time_parts["ps_comm"])
 
 
 def test_probed_layer_factors_replace_modelled_tp_and_zero3_cost() -> None:

@@ -150,6 +150,7 @@ def plan(args: argparse.Namespace) -> tuple[SearchResult, HardwareSpec]:
     # config itself trains asynchronously through one
     ps_mode = cfg.ps.mode if cfg is not None and cfg.parallel.sync == "ps" else "sync"
     setup = Setup(batch, precision, optimizer, flash=not args.no_flash, ps_mode=ps_mode,
+                  ps_overlap=cfg.ps.overlap if cfg is not None else True,
                   bucket_bytes=(cfg.parallel.bucket_cap_mb * 2**20 if cfg is not None else 25 * 2**20),
                   compression=cfg.compression if cfg is not None else None)
     hw = resolve_hardware(args, cfg, n)

@@ -88,6 +88,7 @@ class Setup:
     flash: bool = True  # fused attention: no s^2 score tensors kept
     bucket_bytes: float = 25e6  # DDP gradient bucket
     ps_mode: str = "sync"  # sync | async | ssp (async/ssp hide pushes behind compute)
+    ps_overlap: bool = True  # sync: every server's push but the last leaves during backward (ps.overlap)
     loss_parallel: bool = True  # TP keeps the logits split over the vocabulary
     tp_allreduces: int = 4  # per layer per micro-batch: Megatron's fused QKV; 6 with separate q/k/v modules
     compression: Any = None  # a [compression] section: gradient codec of the DP exchange / PS push
@@ -296,7 +297,10 @@ def estimate(model: ModelSpec, lay: Layout, setup: Setup, hw: HardwareSpec) -> E
         multi_node = lay.world > hw.devices_per_node
         bw, lat = (hw.inter_bw, hw.inter_latency) if multi_node else (math.inf, 0.0)
         t_ps = ps_exchange_time(push, 4 * psi, workers, servers, bw, lat)
-        ps_comm = t_ps if setup.ps_mode == "sync" else overlapped(t_ps, m * t_mb_compute, 0.0, True)
+        if setup.ps_mode == "sync":  # with ps.overlap only the last server's share waits for backward's end
+            ps_comm = overlapped(t_ps, window, t_ps / servers, setup.ps_overlap and servers > 1)
+        else:
+            ps_comm = overlapped(t_ps, m * t_mb_compute, 0.0, True)
     elif d > 1:
         t_ar = allreduce_time(grad_bytes, d, dp_bw, dp_lat)
         if lay.zero == 3 and d == 2 and t == 1 and hw.fsdp2_layer_factor > 0:

@@ -186,6 +186,7 @@ def predict(cfg: Config, spec: ModelSpec, hw: HardwareSpec) -> tuple[float, list
     micro = max(1, cfg.data.batch_size // mb_count)
     setup = Setup(cfg.data.batch_size * cfg.train.grad_accum * dp, cfg.train.precision, cfg.train.optimizer,
                   flash=True, bucket_bytes=p.bucket_cap_mb * MiB, ps_mode=cfg.ps.mode,
+                  ps_overlap=cfg.ps.overlap,
                   loss_parallel=bool(getattr(p, "loss_parallel", False)) and p.pp == 1,
                   tp_allreduces=6)  # separate q/k/v projections: 4 backward all-reduces + 2 forward
     # paratrain's tensor parallel replicates LayerNorms and residuals: no sequence parallelism
