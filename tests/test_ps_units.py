@@ -154,7 +154,7 @@ def test_replies_land_in_the_parameters_memory():
             params[1].data = torch.full((3,), -1.0)  # someone replaces a parameter's storage
         flats = [torch.randn(landing.numel(i)) for i in range(2)]
         for i in range(2):
-            landing.land(i, flats[i])
+            landing.land(i, memoryview(flats[i].numpy()).cast("B"))
         for t, want in zip(params, expected(flats), strict=True):
             assert torch.equal(t.view(-1), want)
 

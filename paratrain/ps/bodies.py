@@ -104,7 +104,9 @@ class PushBodies:
         """One pack frame for the small keys (one C++ call flattens and joins them; whole
         parameters need no slicing), one frame per large key."""
         frames = [tensor_frame(grads[p].reshape(-1)[a:b]) for p, a, b, _ in plan.big]
-        if plan.small:
+        if len(plan.small) == 1 and plan.small[0][3]:  # one whole parameter: its own bytes
+            frames.insert(0, tensor_frame(grads[plan.small[0][0]]))
+        elif plan.small:
             parts = [grads[p] if whole else grads[p].reshape(-1)[a:b] for p, a, b, whole in plan.small]
             frames.insert(0, tensor_frame(flatten_dense_tensors(parts)))
         return plan.recs, plan.frecs, frames, bool(plan.small)

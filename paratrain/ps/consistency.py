@@ -106,14 +106,23 @@ class Clocks:
         return min((self.clock.get(w, 0) for w in live), default=0)
 
     def gap(self, w: int, live: set[int]) -> int:
-        return self.clock.get(w, 0) - self.slowest(live | {w})
+        """How far ``w`` is ahead of the slowest of ``live`` and itself."""
+        return self.gap_from(w, self.slowest(live) if live else None)
+
+    def gap_from(self, w: int, low: int | None) -> int:
+        """``gap`` given ``low``, the slowest live clock (None: no live worker)."""
+        c = self.clock.get(w, 0)
+        return c - min(low, c) if low is not None else 0
 
     def may_proceed(self, w: int, live: set[int]) -> bool:
         """May ``w`` start its next step now?"""
         return self.staleness is None or self.gap(w, live) <= self.staleness
 
     def record_release(self, w: int, live: set[int]) -> int:
-        g = self.gap(w, live)
+        return self.note_release(self.gap(w, live))
+
+    def note_release(self, g: int) -> int:
+        """Count a release at clock gap ``g``; returns it."""
         self.max_gap = max(self.max_gap, g)
         self.gaps[g] += 1
         return g

@@ -1,6 +1,6 @@
 """Where a server's PARAMS reply lands in a worker's model: in the parameters' own memory.
 
-A reply is one flat fp32 tensor, the server's keys in (group, offset) order.  The worker lays
+A reply is one frame of fp32 values, the server's keys in (group, offset) order.  The worker lays
 every parameter that one server holds whole out the same way: consecutive such parameters
 become views into one buffer (a *run*), so installing a reply costs one copy per run, however
 many parameters the model has, instead of one small copy per parameter.  (The received
@@ -13,9 +13,11 @@ storage pointers changed) and the runs are laid out again.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from paratrain.ps.placement import KeySpec
+from paratrain.ps.protocol import frame_tensor
 from paratrain.ps.shard import group_slots
 
 
@@ -26,6 +28,7 @@ class Run:
         self.keys, self.start = keys, start
         self.end = start + sum(k.numel for k in keys)
         self.buf: torch.Tensor | None = None
+        self.np: np.ndarray | None = None  # buf's numpy view
 
 
 class Landing:
@@ -41,15 +44,17 @@ class Landing:
         """Elements of server ``server``'s PARAMS frame."""
         return sum(group_slots(self.keys_of[server])[0])
 
-    def land(self, server: int, flat: torch.Tensor) -> None:
-        """Install server ``server``'s reply ``flat`` into the parameters."""
+    def land(self, server: int, frame: memoryview) -> None:
+        """Install server ``server``'s reply: ``frame``, the raw bytes of its fp32 values
+        (numpy copies straight out of ZeroMQ's buffer, aligned or not)."""
         if self._pointers() != self.ptrs:
             self._lay_out()
-        with torch.no_grad():
-            for run in self.runs[server]:
-                run.buf.copy_(flat[run.start:run.end])
-            dst, spans = self.rest[server]
-            if dst:
+        for run in self.runs[server]:
+            np.copyto(run.np, np.frombuffer(frame, np.float32, run.end - run.start, 4 * run.start))
+        dst, spans = self.rest[server]
+        if dst:
+            flat = frame_tensor(frame, torch.float32, (len(frame) // 4,))
+            with torch.no_grad():
                 torch._foreach_copy_(dst, [flat[a:b] for a, b in spans])
 
     def _pointers(self) -> tuple[int, ...]:
@@ -91,4 +96,4 @@ class Landing:
             p = self.params[k.param]
             p.data = buf[off:off + k.numel].view(p.shape)
             off += k.numel
-        run.buf = buf
+        run.buf, run.np = buf, buf.numpy()

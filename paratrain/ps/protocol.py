@@ -162,7 +162,9 @@ class Message:
 
 # ---- tensors <-> frames -------------------------------------------------------------------
 def tensor_frame(t: torch.Tensor) -> np.ndarray:
-    """A zero-copy byte view of a CPU tensor (made contiguous first if it is not)."""
+    """A zero-copy view of a CPU tensor's bytes (made contiguous first if it is not)."""
+    if t.dtype is torch.float32 and t.is_cpu and not t.requires_grad and t.is_contiguous():
+        return t.numpy()  # (the common case, in one call: numpy exposes the same bytes)
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()

@@ -118,7 +118,9 @@ class UpdateRules:
     _plans: dict[tuple[bytes, bool], PushPlan]
     _plans_for: Shard | None
 
-    def _send_params(self, ident: bytes, req: Header, flags: int = 0, stale: int = 0, gap: int = 0) -> None:
+    def _send_params(self, ident: bytes, req: Header, flags: int = 0, stale: int = 0, gap: int = 0,
+                     slowest: int | None = None) -> None:
+        """The shard's parameters to ``ident``; f2 is the version (sync) or the slowest live clock."""
         frames = [self.shard.wire()]
         if self.integrity == "mac" and self._digest_version != self.shard.version:  # sign once per version
             self._digests = {0: self.signer.digest(frames[0])} if frames[0].nbytes >= DIGEST_MIN else {}
@@ -126,7 +128,8 @@ class UpdateRules:
         self._reply(ident, req, Msg.PARAMS, frames=frames, digests=self._digests, track=True, flags=flags,
                     dtype=DTYPE_IDS[torch.float32],
                     clock=self.applied.get(req.worker, 0), f0=float(stale), f1=float(gap),
-                    f2=float(self.shard.version if self.mode == "sync" else self.clocks.slowest(self.members.live())))
+                    f2=float(self.shard.version if self.mode == "sync" else
+                             slowest if slowest is not None else self.clocks.slowest(self.members.live())))
 
     def _require_shard(self) -> Shard:
         if self.shard is None:
@@ -273,11 +276,15 @@ class UpdateRules:
 
     def _release_held(self) -> None:
         live = self.members.live()
+        clocks = self.clocks
+        low = clocks.slowest(live) if live else None  # (releases do not move clocks)
         keep = []
         for ident, w, seq, stale in self.held:
-            if self.clocks.may_proceed(w, live):
-                gap = self.clocks.record_release(w, live)
-                self._send_params(ident, Header(int(Msg.PUSH), worker=w, seq=seq), stale=stale, gap=gap)
+            gap = clocks.gap_from(w, low)
+            if clocks.staleness is None or gap <= clocks.staleness:
+                clocks.note_release(gap)
+                self._send_params(ident, Header(int(Msg.PUSH), worker=w, seq=seq), stale=stale, gap=gap,
+                                  slowest=low or 0)
             else:
                 keep.append((ident, w, seq, stale))
         self.held = keep

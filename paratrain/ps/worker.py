@@ -47,7 +47,6 @@ from paratrain.ps.protocol import (
     Flag,
     Message,
     Msg,
-    frame_tensor,
     tensor_frame,
 )
 from paratrain.ps.pushlog import Entry, PushLog
@@ -135,7 +134,7 @@ class PSWorker:
         if msg.type != Msg.PARAMS or got != [4 * n]:
             raise PSError(f"parameter server {i} sent {Msg(msg.type).name} with frames of {got} bytes where "
                           f"one frame of {4 * n} bytes (its parameters) was expected")
-        self.landing.land(i, frame_tensor(msg.frames[0], torch.float32, (n,)))
+        self.landing.land(i, msg.frames[0])
         self.versions[i] = msg.header.version
         if record:
             self.stats.staleness[int(msg.header.f0)] += 1
