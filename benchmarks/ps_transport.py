@@ -10,10 +10,12 @@ ends).  The round trips are interleaved one by one (echo, none, mac, echo, none,
 load on the machine hits all alike, and each is timed alone: a round's ratio is median echo
 time / median PS time over its round trips, robust to the scheduling spikes of a busy
 machine; ``ratio`` is the median over rounds.  ``--keys K`` splits the gradient over K
-parameters (a model's many tensors: what per-key costs add).
+parameters (a model's many tensors: what per-key costs add).  ``--bare`` adds a row ``bare``: the
+same servers (``none``) driven by a bare client that sends a prepared push and copies the
+reply's values out, nothing else -- how much of the gap is the worker's side.
 
     python benchmarks/ps_transport.py [--seconds 1] [--rounds 5] [--sizes 4096,1048576,41943040]
-                                      [--servers 1,2] [--modes none,mac] [--keys 1]
+                                      [--servers 1,2] [--modes none,mac] [--keys 1] [--bare]
 
 Prints one strict-JSON object; progress lines go to stderr.
 """
@@ -30,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import zmq
 
@@ -39,6 +42,7 @@ from paratrain.config import Config  # noqa: E402
 from paratrain.ps.client import PSClient  # noqa: E402
 from paratrain.ps.launch import local_servers  # noqa: E402
 from paratrain.ps.placement import ParamInfo, place  # noqa: E402
+from paratrain.ps.protocol import Flag, Header, Msg, encode, read_header, send  # noqa: E402
 from paratrain.ps.strategy import ENDPOINTS_ENV, SECRET_ENV  # noqa: E402
 from paratrain.ps.wire import PushEncoder  # noqa: E402
 from paratrain.ps.worker import PSWorker  # noqa: E402
@@ -105,8 +109,8 @@ class Echo:
 class PSJob:
     """Servers of one (size, servers, integrity) setting and a worker pushing one tensor."""
 
-    def __init__(self, n_servers: int, nbytes: int, integrity: str, root: Path, keys: int = 1):
-        run_dir = root / f"s{n_servers}-{nbytes}-{integrity}-{keys}"
+    def __init__(self, n_servers: int, nbytes: int, integrity: str, root: Path, keys: int = 1, tag: str = ""):
+        run_dir = root / f"s{n_servers}-{nbytes}-{integrity}-{keys}{tag}"
         run_dir.mkdir(parents=True)
         cfg = Config.load(None, [f'--run.dir="{run_dir}"', f"--ps.servers={n_servers}", "--ps.mode=async",
                                  "--parallel.sync=ps", "--parallel.nproc=1", "--train.optimizer=sgd",
@@ -132,6 +136,32 @@ class PSJob:
             p.grad = g
         self.worker.step(0.0, 1.0)
 
+    def bare_round_trip(self) -> None:
+        """The same exchange with a bare client (``--bare``): a prepared push (fresh header,
+        the body built once) per server, then each reply's values copied into the parameter
+        buffer -- no sessions, bookkeeping or checks on the worker's side, the real servers."""
+        w, c = self.worker, self.client
+        if not hasattr(self, "_bare"):
+            for p, g in zip(self.params, self.grads, strict=True):
+                p.grad = g
+            self._bare = [w.bodies.body(i) for i in w.servers]
+            self._flat = [torch.empty(w.reply_numel[i]).numpy() for i in w.servers]
+        w.clock += 1
+        for i in w.servers:
+            recs, frecs, frames, packed = self._bare[i]
+            c.seq += 1
+            h = Header(int(Msg.PUSH), worker=c.worker, incarnation=c.incarnation, seq=c.seq, clock=w.clock,
+                       version=w.versions[i], key_start=w.key_ranges[i][0], key_count=w.key_ranges[i][1],
+                       flags=int(Flag.PACKED) if packed else 0, f1=1.0)
+            send(c.socks[i], encode(None, h, keys=recs, frame_recs=frecs, frames=frames, desc=w.bodies.desc(i, recs)))
+        for i in w.servers:
+            if not c.socks[i].poll(30_000):
+                raise TimeoutError("no reply from the server")
+            parts = c.socks[i].recv_multipart(copy=False)
+            w.versions[i] = read_header(parts[0].buffer).version
+            np.copyto(self._flat[i], np.frombuffer(parts[1].buffer, np.float32))
+        w.clock_done = w.clock
+
     def close(self) -> None:
         self.client.close()
         self.servers.__exit__(None, None, None)
@@ -145,6 +175,7 @@ def main() -> int:
     p.add_argument("--servers", default="1,2")
     p.add_argument("--modes", default="none,mac")
     p.add_argument("--keys", type=int, default=1, help="split the gradient into this many parameters")
+    p.add_argument("--bare", action="store_true", help="also time a bare client against the same servers")
     a = p.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -156,6 +187,9 @@ def main() -> int:
                     jobs = {m: PSJob(n_servers, nbytes, m, Path(tmp), a.keys) for m in a.modes.split(",")}
                     try:
                         fns = {"echo": echo.round_trip(nbytes), **{m: job.round_trip for m, job in jobs.items()}}
+                        if a.bare:  # (its own job: the bare client must not share clocks with PSWorker's)
+                            jobs["bare"] = PSJob(n_servers, nbytes, "none", Path(tmp), a.keys, tag="bare")
+                            fns["bare"] = jobs["bare"].bare_round_trip
                         rounds = [interleaved(fns, a.seconds) for _ in range(a.rounds)]
                     finally:
                         for job in jobs.values():

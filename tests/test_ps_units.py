@@ -31,6 +31,7 @@ from paratrain.ps.protocol import (
     decode,
     encode,
     frame_tensors,
+    tensor_frame,
 )
 from paratrain.ps.server import ParameterServer
 from paratrain.ps.shard import group_slots
@@ -111,6 +112,8 @@ def test_encode_decode_round_trip_and_rejections():
     m = decode([bytes(p) if not isinstance(p, bytes) else p for p in parts], s, 1 << 20)
     assert m.header.worker == 1 and m.header.clock == 3 and m.meta == {"a": 1} and m.keys[0].key == 4
     assert torch.equal(frame_tensors(m)[0], t)
+    for x in (torch.zeros(0, 4), torch.ones(3, 4), torch.tensor(2.0), torch.ones(5, dtype=torch.bfloat16)):
+        assert tensor_frame(x).ndim == 1 and memoryview(tensor_frame(x)).cast("B").nbytes == x.nbytes  # flat bytes
     raw = [bytes(p) if not isinstance(p, bytes) else p for p in parts]
     cases = {
         "bad MAC": raw[:-1] + [bytes(32)],

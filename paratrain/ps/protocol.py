@@ -164,7 +164,7 @@ class Message:
 def tensor_frame(t: torch.Tensor) -> np.ndarray:
     """A zero-copy view of a CPU tensor's bytes (made contiguous first if it is not)."""
     if t.dtype is torch.float32 and t.is_cpu and not t.requires_grad and t.is_contiguous():
-        return t.numpy()  # (the common case, in one call: numpy exposes the same bytes)
+        return t.view(-1).numpy()  # (the common case, in two calls; 1-D: frames are flat everywhere)
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
