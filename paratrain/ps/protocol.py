@@ -165,11 +165,7 @@ def tensor_frame(t: torch.Tensor) -> np.ndarray:
     """A zero-copy view of a CPU tensor's bytes (made contiguous first if it is not)."""
     if t.dtype is torch.float32 and t.is_cpu and not t.requires_grad and t.is_contiguous():
         return t.view(-1).numpy()  # (the common case, in two calls; 1-D: frames are flat everywhere)
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if not t.is_contiguous():
-        t = t.contiguous()
+    t = t.detach().cpu().contiguous()  # (each returns the tensor itself where it has nothing to do)
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
