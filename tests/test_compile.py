@@ -138,8 +138,11 @@ def test_compiled_parallel_layouts_match_single_process(single_runs, tmp_path_fa
 
 @pytest.mark.slow
 def test_compiled_parameter_server_workers_match_single_process(single_runs, tmp_path, corpus):
-    """Two compiled workers around one sync parameter server (AdamW on the server)."""
+    """Two compiled workers around two sync parameter servers (AdamW on the servers), their
+    pushes leaving during the compiled blocks' backward (ps.overlap)."""
     cfg = tiny_config(tmp_path / "ps", corpus, *GPT, *COMPILE, "--parallel.nproc=2", "--data.batch_size=4",
-                      "--parallel.sync=ps", "--ps.mode=sync")
+                      "--parallel.sync=ps", "--ps.mode=sync", "--ps.servers=2")
     assert launch(cfg)["status"] == "ok"
     assert_parity(single_runs / "eager", tmp_path / "ps")
+    rows = map(json.loads, (tmp_path / "ps" / "metrics.jsonl").read_text().splitlines())
+    assert sum(r.get("ps_early_pushes", 0) for r in rows) > 0

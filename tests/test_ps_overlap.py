@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -16,11 +17,12 @@ from paratrain.ps.worker import PSWorker
 from tests.test_ps_units import SECRET, ServerThread, cfg_for
 
 
-def test_each_server_is_pushed_once_its_gradients_are_final_and_updates_equal_local_sgd():
-    """With gradient accumulation (the first micro-batch must not push), 2 servers in sync mode:
-    the server holding the last layers is pushed before backward reaches the first layer, both
-    are pushed during backward every step, and the parameters equal local SGD on the batch."""
-    cfg = cfg_for("sync")
+@pytest.mark.parametrize("mode", ["sync", "ssp"])
+def test_each_server_is_pushed_once_its_gradients_are_final_and_updates_equal_local_sgd(mode):
+    """With gradient accumulation (the first micro-batch must not push), 2 servers: the server
+    holding the last layers is pushed before backward reaches the first layer, both are pushed
+    during backward every step, and the parameters equal local SGD on the batch."""
+    cfg = cfg_for(mode)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
     ref = copy.deepcopy(model)
@@ -31,7 +33,7 @@ def test_each_server_is_pushed_once_its_gradients_are_final_and_updates_equal_lo
     servers = [ServerThread(cfg, index=i, n_servers=2) for i in range(2)]
     client = PSClient([s.srv.endpoint for s in servers], SECRET, 0, heartbeat_s=0.1, give_up_s=20)
     try:
-        w = PSWorker(client, layout, params, PushEncoder(cfg.compression), "sync", False, False)
+        w = PSWorker(client, layout, params, PushEncoder(cfg.compression), mode, False, False)
         w.connect(0)
         events: list[object] = []
 
