@@ -90,7 +90,7 @@ class PSSync(GradSync):
         self.client: PSClient | None = None
         self.worker: PSWorker | None = None
         self.early: EarlyPush | None = None
-        self.optimizer: RemoteOptimizer | None = None
+        self.optimizer: torch.optim.Optimizer | None = None  # the one step() is given (its lr)
         self.model: nn.Module | None = None
         self.resume_clock = 0
         self.last_save_clock = 0
@@ -119,6 +119,10 @@ class PSSync(GradSync):
         self.optimizer = RemoteOptimizer(self.cfg.train.lr)
         return self.optimizer
 
+    def _lr(self) -> float:
+        """The learning rate this step's push carries (the schedule set it before forward)."""
+        return self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else self.cfg.train.lr
+
     def _overlaps(self) -> bool:
         """Pushes may leave during backward (see paratrain.ps.overlap for when that is sound)."""
         ps = self.cfg.ps
@@ -138,7 +142,7 @@ class PSSync(GradSync):
             if self._overlaps():
                 w = self.worker
                 self.early = EarlyPush(self.params, w.keys_of,
-                                       lambda i: w.push_early(i, self.optimizer.param_groups[0]["lr"], self._weight))
+                                       lambda i: w.push_early(i, self._lr(), self._weight))
         return self.worker
 
     def _sync_params(self) -> None:
@@ -176,6 +180,7 @@ class PSSync(GradSync):
         return self.early.paused() if self.early is not None else contextlib.nullcontext()
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        self.optimizer = optimizer
         norm = 0.0
         if self.mode != "sync":  # sync clips the aggregated gradient on the servers
             norm = self.clip_grad_norm(model, self.cfg.train.grad_clip)
