@@ -83,7 +83,7 @@ def test_sync_matches_single_process_sgd_one_server_and_survives_a_dead_worker(r
 def test_sync_adamw_two_servers_matches_even_across_a_server_crash(runs):
     root, r = runs
     s = r["sync_adamw"]
-    assert s["status"] == "ok" and s["ps_servers"] == 2, s
+    assert s["status"] == "ok" and s["ps_servers"] == 2 and s["ps_overlap"] is True, s
     assert s["ps_server_restarts"] == [0, 1]
     log = (root / "sync_adamw" / "ps" / "server1.log").read_text()
     assert "killing myself" in log and "resumed from" in log and "step_4" in log

@@ -299,7 +299,8 @@ class PSSync(GradSync):
         if not self.dims.is_main:
             return {}
         stats = self._stats_cache or self._server_stats()
-        out: dict[str, Any] = {"ps_mode": self.mode, "ps_servers": len(self.endpoints), **self.encoder.summary()}
+        out: dict[str, Any] = {"ps_mode": self.mode, "ps_servers": len(self.endpoints),
+                               "ps_overlap": self._overlaps(), **self.encoder.summary()}
         if self.mode == "ssp":
             out["ps_staleness"] = self.cfg.ps.staleness
         if stats:
