@@ -4,6 +4,7 @@ server (a thread on a real socket) against raw sockets and PSWorker clients."""
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import threading
 import time
@@ -181,6 +182,30 @@ def test_placement_balances_bytes_and_chunks_big_tensors():
     assert [k.offset for k in ordered.keys if k.name == "emb"] == sorted(
         (k.offset for k in ordered.keys if k.name == "emb"), reverse=True)
     assert place(params[:3], 1).digest == place(params[:3], 1, "balanced").digest  # one server: unchanged
+
+
+def test_every_placement_covers_each_element_once_in_whole_rows():
+    rng = random.Random(1)
+    for _ in range(200):
+        shapes = [tuple(rng.randint(0, 9) for _ in range(rng.randint(0, 3))) for _ in range(rng.randint(1, 7))]
+        params = [ParamInfo(f"p{i}", s) for i, s in enumerate(shapes)]
+        n = rng.randint(1, 5)
+        for order in ("ordered", "balanced"):
+            layout = place(params, n, order)
+            for i, s in enumerate(shapes):
+                numel = math.prod(s) if s else 1
+                row = math.prod(s[1:]) if len(s) >= 2 else 1
+                keys = sorted((k for k in layout.keys if k.param == i), key=lambda k: k.offset)
+                assert keys and sum(k.numel for k in keys) == numel, (order, s, keys)
+                assert [k.offset for k in keys] == [sum(k.numel for k in keys[:j]) for j in range(len(keys))]
+                assert all(k.offset % max(1, row) == 0 and math.prod(k.shape) == k.numel for k in keys)
+            if order == "ordered":  # backward's order: a server holds no parameter after a later server's
+                last = [max((k.param for k in layout.server_keys(j)), default=None) for j in range(n)]
+                first = [min((k.param for k in layout.server_keys(j)), default=None) for j in range(n)]
+                for a in range(n):
+                    for b in range(a + 1, n):
+                        if last[b] is not None and first[a] is not None:
+                            assert last[b] <= first[a], (shapes, n, layout.keys)
 
 
 def test_ssp_clock_bound_holds_under_random_schedules():
