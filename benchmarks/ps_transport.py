@@ -129,6 +129,7 @@ class PSJob:
         # "ssp" on the worker side: push, then wait for the reply every time (no overlap)
         self.worker = PSWorker(self.client, layout, self.params, PushEncoder(cfg.compression), "ssp", False, False)
         self.worker.connect(0)
+        self.bare: list[tuple] | None = None  # bare_round_trip's prepared pushes and reply buffers
 
     def round_trip(self) -> None:
         """Push the gradient, wait for the new parameters, install them."""
@@ -141,14 +142,13 @@ class PSJob:
         the body built once) per server, then each reply's values copied into the parameter
         buffer -- no sessions, bookkeeping or checks on the worker's side, the real servers."""
         w, c = self.worker, self.client
-        if not hasattr(self, "_bare"):
+        if self.bare is None:  # the bodies once, from the (fixed) gradients
             for p, g in zip(self.params, self.grads, strict=True):
                 p.grad = g
-            self._bare = [w.bodies.body(i) for i in w.servers]
-            self._flat = [torch.empty(w.reply_numel[i]).numpy() for i in w.servers]
+            self.bare = [(w.bodies.body(i), torch.empty(w.reply_numel[i]).numpy()) for i in w.servers]
         w.clock += 1
         for i in w.servers:
-            recs, frecs, frames, packed = self._bare[i]
+            (recs, frecs, frames, packed), _ = self.bare[i]
             c.seq += 1
             h = Header(int(Msg.PUSH), worker=c.worker, incarnation=c.incarnation, seq=c.seq, clock=w.clock,
                        version=w.versions[i], key_start=w.key_ranges[i][0], key_count=w.key_ranges[i][1],
@@ -159,7 +159,7 @@ class PSJob:
                 raise TimeoutError("no reply from the server")
             parts = c.socks[i].recv_multipart(copy=False)
             w.versions[i] = read_header(parts[0].buffer).version
-            np.copyto(self._flat[i], np.frombuffer(parts[1].buffer, np.float32))
+            np.copyto(self.bare[i][1], np.frombuffer(parts[1].buffer, np.float32))
         w.clock_done = w.clock
 
     def close(self) -> None:

@@ -105,24 +105,14 @@ class Clocks:
         """The smallest clock of the live workers (expected ones count as 0)."""
         return min((self.clock.get(w, 0) for w in live), default=0)
 
-    def gap(self, w: int, live: set[int]) -> int:
-        """How far ``w`` is ahead of the slowest of ``live`` and itself."""
-        return self.gap_from(w, self.slowest(live) if live else None)
-
-    def gap_from(self, w: int, low: int | None) -> int:
-        """``gap`` given ``low``, the slowest live clock (None: no live worker)."""
+    def release(self, w: int, low: int | None) -> int | None:
+        """The staleness gate: ``w``'s clock gap when it may start its next step now (the
+        release is counted), None while it is more than ``staleness`` ahead.  ``low``: the
+        slowest live clock (:meth:`slowest`; None when no worker is live)."""
         c = self.clock.get(w, 0)
-        return c - min(low, c) if low is not None else 0
-
-    def may_proceed(self, w: int, live: set[int]) -> bool:
-        """May ``w`` start its next step now?"""
-        return self.staleness is None or self.gap(w, live) <= self.staleness
-
-    def record_release(self, w: int, live: set[int]) -> int:
-        return self.note_release(self.gap(w, live))
-
-    def note_release(self, g: int) -> int:
-        """Count a release at clock gap ``g``; returns it."""
+        g = c - min(low, c) if low is not None else 0
+        if self.staleness is not None and g > self.staleness:
+            return None
         self.max_gap = max(self.max_gap, g)
         self.gaps[g] += 1
         return g

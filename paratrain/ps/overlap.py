@@ -41,14 +41,12 @@ class EarlyPush:
             for p in mine:
                 self.servers_of[p].append(i)
         self.waiting: list[set[int]] | None = None  # armed: per server, the parameters not ready yet
-        self.pushed: list[int] = []  # servers pushed early in the current backward
         self.handles = [p.register_post_accumulate_grad_hook(lambda _, j=j: self._ready(j))
                         for j, p in enumerate(params)]
 
     def arm(self) -> None:
         """The next backward makes final gradients: push each server as its share completes."""
         self.waiting = [set(mine) for mine in self.params_of]
-        self.pushed = []
 
     def disarm(self) -> None:
         self.waiting = None
@@ -70,7 +68,6 @@ class EarlyPush:
             if left:
                 left.discard(j)
                 if not left:
-                    self.pushed.append(i)
                     self.push(i)
 
     def close(self) -> None:

@@ -280,9 +280,8 @@ class UpdateRules:
         low = clocks.slowest(live) if live else None  # (releases do not move clocks)
         keep = []
         for ident, w, seq, stale in self.held:
-            gap = clocks.gap_from(w, low)
-            if clocks.staleness is None or gap <= clocks.staleness:
-                clocks.note_release(gap)
+            gap = clocks.release(w, low)
+            if gap is not None:
                 self._send_params(ident, Header(int(Msg.PUSH), worker=w, seq=seq), stale=stale, gap=gap,
                                   slowest=low or 0)
             else:

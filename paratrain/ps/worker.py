@@ -162,8 +162,10 @@ class PSWorker:
         ``wait=False`` sync and ssp do not either: call :meth:`finish` before the parameters
         are next used.  Servers already pushed by :meth:`push_early` this step are not pushed
         again."""
-        e, early = (self.early, True) if self.early is not None else (self._new_entry(lr, weight), False)
-        self.early = None
+        e, self.early = self.early, None
+        early = e is not None
+        if e is None:
+            e = self._new_entry(lr, weight)
         for i in self.servers:
             if i not in e.bodies:
                 e.bodies[i] = self.bodies.body(i)
