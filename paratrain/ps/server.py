@@ -350,8 +350,10 @@ class ParameterServer(Intake, UpdateRules):
 
     def _on_collect(self, ident: bytes, msg: Message) -> None:
         op, values = msg.meta.get("op"), msg.meta.get("values", [])
-        if op not in ("sum", "gather", "barrier") or not isinstance(values, list):
-            raise ProtocolError("malformed", f"collective {op!r}")
+        if op not in ("sum", "gather", "barrier"):
+            raise ProtocolError("malformed", f"collective {str(op)[:40]!r}")
+        if not isinstance(values, list) or not all(type(v) in (int, float) for v in values):
+            raise ProtocolError("malformed", f"collective {op}: values must be a list of numbers")
         if isinstance(msg.meta.get("stats"), dict):
             self.worker_stats[msg.header.worker] = msg.meta["stats"]
         self.collective.add(msg.header.worker, op, [float(v) for v in values], (ident, msg.header))
