@@ -3,7 +3,8 @@
 Without the secret: random bytes and ZMTP streams straight onto the TCP port (200 MB single
 frames, many-frame messages), wrong ZAP credentials and a 200-socket flood.  With the secret:
 wrong challenge answers, unsigned/badly signed messages, deep JSON, absurd sizes and fields,
-non-finite values, an empty push, a checkpoint outside the run directory, a peer lying about
+non-finite values, a thousand valid pushes of every codec broken one way each (none may be an
+internal error), an empty push, a checkpoint outside the run directory, a peer lying about
 its message size.  Throughout, the server's peak RSS stays under its baseline + 64 MB, its
 parameters stay finite and unchanged by refused pushes, and a valid worker keeps being served;
 a short real PS training job finishes with status ok while being flooded.
@@ -47,6 +48,7 @@ from paratrain.ps.server import SECRET_ENV
 from paratrain.ps.strategy import param_infos
 from paratrain.ps.wire import PushEncoder
 from paratrain.ps.worker import PSWorker
+from tests.ps_mutations import mutated_pushes
 
 SECRET = b"hostile-test-secret-0123456789"
 MB = 1 << 20
@@ -298,6 +300,11 @@ def test_with_the_secret_bad_values_are_refused_and_logged(tmp_path, integrity):
             served(w, model)
             rejected = p.call(Msg.STATS).meta["rejected"]
             assert rejected["malformed"] >= 7 and rejected["bad value"] == 4 and rejected["bad path"] == 3
+            for kw in mutated_pushes(keys, 1000, seed=len(integrity)):  # every codec, broken one way each
+                m = p.call(Msg.PUSH, clock=p.seq + 1, **kw)
+                assert m.type == Msg.PARAMS or m.meta["kind"] not in ("internal", "unauthenticated"), m.meta
+            assert "internal" not in p.call(Msg.STATS).meta["rejected"]
+            w.pull()  # (the pushes that were valid moved the version on)
             # a peer that lies about its size loses its connection (and its credential)
             p.seq += 1
             p.sock.send_multipart(encode(p.signer if p.mac else None, Header(int(Msg.PULL), worker=1, incarnation=p.inc,
