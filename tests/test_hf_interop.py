@@ -139,6 +139,12 @@ def test_mismatched_configs_are_refused_in_one_line(tmp_path, capsys):
     model = build_model(cfg.model, 270, 0)  # vocabulary from the data: checked when loading
     with pytest.raises(ConfigError, match="has vocab_size = 261 but the model has vocab_size = 270"):
         load_hf_weights(model, cfg.model, hf_dir)
+    weights = (hf_dir / "model.safetensors").read_bytes()
+    for broken in (weights[:len(weights) // 2], b"\xff" * 8 + weights[8:]):  # cut short; a wrong header size
+        (hf_dir / "model.safetensors").write_bytes(broken)
+        with pytest.raises(ConfigError, match=r"model.safetensors is not a readable safetensors file \("):
+            load_hf_weights(build_model(cfg.model, 261, 0), cfg.model, hf_dir)
+    (hf_dir / "model.safetensors").write_bytes(weights)
     with pytest.raises(ConfigError, match="is a gpt2 model .* set model.arch = 'gpt'"):
         model_config({**base, "arch": "bert"})
     with pytest.raises(ConfigError, match="has no config.json"):

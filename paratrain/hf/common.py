@@ -105,12 +105,16 @@ def shard_files(d: Path) -> list[Path]:
 def iter_tensors(d: Path) -> Named:
     """Every tensor of an HF model directory, read one shard at a time (and one tensor at a time
     within a shard, through ``safe_open``'s memory map)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for path in shard_files(d):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    yield name, t
+        except (SafetensorError, OSError) as e:  # (the reader's: errors of the caller never pass through here)
+            raise ConfigError(f"{path} is not a readable safetensors file ({e}); copy it again") from None
 
 
 # ---- checking and loading ---------------------------------------------------------------------
