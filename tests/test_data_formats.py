@@ -67,6 +67,9 @@ def test_record_sources_give_one_document_per_record(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2 is not valid JSON"):
         prepare(open_corpus(f"jsonl:{tmp_path}/bad.jsonl"), tmp_path / "x")
+    (tmp_path / "num.jsonl").write_text('{"text": "a"}\n{"text": 7}\n')
+    with pytest.raises(ConfigError, match=r"num.jsonl:2: text field 'text' is a number, not a string"):
+        prepare(open_corpus(f"jsonl:{tmp_path}/num.jsonl"), tmp_path / "x")
     with pytest.raises(ConfigError, match="not a datasets directory"):
         open_corpus(f"hf-dataset:{tmp_path}/src")
 
