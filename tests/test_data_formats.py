@@ -70,6 +70,12 @@ def test_record_sources_give_one_document_per_record(tmp_path):
     (tmp_path / "num.jsonl").write_text('{"text": "a"}\n{"text": 7}\n')
     with pytest.raises(ConfigError, match=r"num.jsonl:2: text field 'text' is a number, not a string"):
         prepare(open_corpus(f"jsonl:{tmp_path}/num.jsonl"), tmp_path / "x")
+    import datasets
+
+    datasets.Dataset.from_dict({"n": [1, 2]}).save_to_disk(str(tmp_path / "ds_int"))
+    for src, field in ((sources["parquet"], "id"), (f"hf-dataset:{tmp_path}/ds_int", "n")):
+        with pytest.raises(ConfigError, match=rf"text field '{field}' holds int64, not strings"):
+            prepare(open_corpus(src, field), tmp_path / "x")
     with pytest.raises(ConfigError, match="not a datasets directory"):
         open_corpus(f"hf-dataset:{tmp_path}/src")
 

@@ -15,6 +15,7 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from paratrain.config import ConfigError
 
@@ -144,10 +145,11 @@ def _parquet_texts(c: Corpus) -> Iterator[str]:
             raise ConfigError(f"'{path}' is not a readable Parquet file ({e})") from None
         if c.text_field not in pf.schema_arrow.names:
             raise _no_field(str(path), c.text_field, pf.schema_arrow.names)
+        _need_strings(str(path), c.text_field, pf.schema_arrow.field(c.text_field).type)
         for batch in pf.iter_batches(batch_size=_PARQUET_ROWS, columns=[c.text_field]):
             for text in batch.column(0).to_pylist():
                 if text is not None:
-                    yield str(text)
+                    yield text
 
 
 def _dataset_texts(c: Corpus) -> Iterator[str]:
@@ -160,9 +162,22 @@ def _dataset_texts(c: Corpus) -> Iterator[str]:
         ds = ds["train"]
     if c.text_field not in ds.column_names:
         raise _no_field(f"dataset {c.root}", c.text_field, ds.column_names)
+    _need_strings(f"dataset {c.root}", c.text_field, ds.data.schema.field(c.text_field).type)
     for row in ds.select_columns([c.text_field]).to_iterable_dataset():
         if row[c.text_field] is not None:
-            yield str(row[c.text_field])
+            yield row[c.text_field]
+
+
+def _need_strings(where: str, field: str, arrow_type: Any) -> None:
+    """Refuse a text column that does not hold strings (it would be trained on as its repr)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(arrow_type):  # (e.g. a pandas categorical column)
+        arrow_type = arrow_type.value_type
+    if not (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+            or getattr(pa.types, "is_string_view", lambda _: False)(arrow_type)):
+        raise ConfigError(f"{where}: text field '{field}' holds {arrow_type}, not strings; "
+                          "set data.text_field to a string column")
 
 
 def _open(path: Path):
