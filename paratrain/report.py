@@ -32,24 +32,31 @@ def load_run(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
     if metrics.is_file():
         for ln in metrics.read_text().splitlines():
             try:
-                rows.append(json.loads(ln))
+                row = json.loads(ln)
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
+            if isinstance(row, dict):
+                rows.append(row)
     summary: dict[str, Any] = {}
     if (run_dir / "summary.json").is_file():
         try:
             summary = json.loads((run_dir / "summary.json").read_text())
         except json.JSONDecodeError:
             raise ConfigError(f"{run_dir}/summary.json is not valid JSON") from None
+        if not isinstance(summary, dict):
+            raise ConfigError(f"{run_dir}/summary.json is not a JSON object; is it a paratrain summary?")
     if not rows and not summary:
         raise ConfigError(f"'{run_dir}' has neither metrics.jsonl nor summary.json: not a paratrain run dir")
     config = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").is_file() else ""
     return rows, summary, config
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r
-           and math.isfinite(r[key])]
+    pts = [(r["step"], r[key]) for r in rows if _number(r.get(key)) and _number(r.get("step"))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -63,15 +70,16 @@ def staleness_counts(rows: list[dict[str, Any]], summary: dict[str, Any]) -> Cou
     for v in sources:
         if isinstance(v, bool):
             continue
-        if isinstance(v, (int, float)):
+        if _number(v):
             counts[v] += 1
         elif isinstance(v, list):
-            counts.update(x for x in v if isinstance(x, (int, float)))
+            counts.update(x for x in v if _number(x))
         elif isinstance(v, dict):
             for k, c in v.items():
                 try:
-                    counts[float(k)] += int(c)
-                except (TypeError, ValueError):
+                    if math.isfinite(float(k)):
+                        counts[float(k)] += int(c)
+                except (TypeError, ValueError, OverflowError):
                     continue
     return counts
 
@@ -97,7 +105,10 @@ def make_plots(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -
     made: dict[str, str] = {}
 
     def save(fig, name: str, key: str) -> None:
-        fig.savefig(out / name)
+        try:
+            fig.savefig(out / name)
+        except (ValueError, OverflowError):  # values matplotlib cannot lay out (e.g. 1e308): no plot
+            return
         made[key] = name
 
     xs, ys = _series(rows, "loss")
@@ -115,9 +126,10 @@ def make_plots(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -
         fig, ax = _figure("Throughput", "step", "tokens / s")
         ax.plot(xs, ys, lw=1.0)
         save(fig, "tokens_per_s.png", "throughput")
-    rss = summary.get("peak_rss_mb") or []
+    rss = summary.get("peak_rss_mb")
+    rss = [v for v in rss if _number(v)] if isinstance(rss, list) else []
     if rss:
-        world = summary.get("world_size") or len(rss)
+        world = summary.get("world_size") if isinstance(summary.get("world_size"), int) else len(rss)
         labels = [f"rank {i}" if i < world else f"server {i - world}" for i in range(len(rss))]
         fig, ax = _figure("Peak memory per process", "", "peak RSS (MB)")
         ax.bar(labels, rss, color=["C0" if i < world else "C1" for i in range(len(rss))])
@@ -162,7 +174,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         md += ["## Summary", "", "| key | value |", "|---|---|"]
         md += [f"| {k} | {_fmt(v)} |" for k, v in summary.items() if k != "recoveries"]
         md.append("")
-    for rec in summary.get("recoveries") or []:
+    recoveries = summary.get("recoveries")
+    for rec in [r for r in recoveries if isinstance(r, dict)] if isinstance(recoveries, list) else []:
         md.append(f"- restart {rec.get('attempt')}: failed after step {rec.get('failed_after_step')}, resumed "
                   f"from step {rec.get('resumed_from_step')}, lost {_fmt(rec.get('lost_s'))} s")
     md.append("")

@@ -95,3 +95,20 @@ def test_monitor_adds_mfu_and_memory_and_feeds_tensorboard(monkeypatch, tmp_path
     assert logged[-1] == ("closed",)
     assert summary["restarts"] == 0 and summary["productive_s"] == pytest.approx(0.1)
     assert 0 < summary["goodput"] <= 1 and (tmp_path / "goodput.json").is_file()
+
+
+def test_report_of_odd_files_is_written_or_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "summary.json").write_text("[1, 2]")
+    assert main(["report", str(tmp_path / "list")]) == 2
+    assert "summary.json is not a JSON object" in capsys.readouterr().err
+    odd = tmp_path / "odd"  # values of the wrong type or out of range are left out, not fatal
+    odd.mkdir()
+    rows = [{"step": "x", "loss": 1.0}, [1, 2], {"step": 1, "loss": float("nan"), "tokens_per_s": 1e308},
+            {"step": 2, "loss": 2.0, "staleness": {"a": 1}}, {"step": 3, "loss": 1.5, "staleness": float("inf")}]
+    (odd / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (odd / "summary.json").write_text(json.dumps({"status": "ok", "peak_rss_mb": ["x", 10.0], "world_size": "two",
+                                                  "recoveries": [5, {"attempt": 1}], "staleness_hist": {"1": 1e400}}))
+    assert main(["report", str(odd)]) == 0
+    md = (odd / "report.md").read_text()
+    assert "](loss.png)" in md and "](memory.png)" in md and "restart 1:" in md
