@@ -43,6 +43,9 @@ def test_sizes_and_bad_arguments(capsys):
     assert parse_sizes("4K:256M", 4) == [4 << 10 << 2 * i for i in range(9)]
     assert parse_sizes("4K,1M", 2) == [4096, 1 << 20]
     assert main(["bench", "comm", "--sizes", "abc"]) == 2
+    assert main(["bench", "comm", "--max-iters", "0"]) == 2
+    assert main(["bench", "comm", "--target-s", "nan"]) == 2
     assert main(["bench", "comm", "--ops", "all_reduce,alltoall"]) == 2
     assert main(["bench", "memory"]) == 2
-    assert capsys.readouterr().err.count("\n") == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 5 and "--max-iters 0 must be at least 1" in err and "--target-s nan must be" in err

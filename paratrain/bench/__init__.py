@@ -70,6 +70,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"unknown op(s) {', '.join(bad)}; choose from {', '.join(OPS)}")
     if not 1 <= args.nproc <= 1024:
         raise ConfigError("--nproc must be between 1 and 1024")
+    if not 0 < args.target_s <= 3600:  # (NaN fails this too)
+        raise ConfigError(f"--target-s {args.target_s} must be a number of seconds in (0, 3600]")
+    if args.max_iters < 1:
+        raise ConfigError(f"--max-iters {args.max_iters} must be at least 1")
     if args.backend == "nccl":
         import torch
 
