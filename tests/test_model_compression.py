@@ -245,8 +245,11 @@ def test_compress_report_fields_and_bytes_match_files(trained, tmp_path, capsys)
     assert main(["compress", str(tmp_path / "nope"), "--quantize", "int8"]) == 2
     assert main(["compress", str(run), "--quantize", "int3"]) == 2
     assert main(["compress", str(run), "--quantize", "int8", "--engine", "avx"]) == 2
+    assert main(["compress", str(run), "--prune", "0.5", "--prune-method", "nm", "--nm", "0:0"]) == 2
+    assert main(["compress", str(run), "--quantize", "int8", "--lr", "nan"]) == 2
     err = capsys.readouterr().err
-    assert "does not exist" in err and "int3" in err and "--engine 'avx'" in err and err.count("\n") == 3
+    assert "does not exist" in err and "int3" in err and "--engine 'avx'" in err and err.count("\n") == 5
+    assert "needs 0 < N < M, got 0:0" in err and "--lr nan must be" in err
 
 
 def test_sharded_checkpoint_loads_from_dcp_folder(trained, tmp_path):

@@ -75,12 +75,18 @@ class CompressOptions:
                               f"{' | '.join(e for e in torch.backends.quantized.supported_engines if e != 'none')}")
         if self.repeats < 1 or self.threads < 1 or self.calib_batches < 1:
             raise ConfigError("--repeats, --threads and --calib-batches must be at least 1")
+        if not 0.0 <= self.lr < float("inf"):  # (NaN fails this too)
+            raise ConfigError(f"--lr {self.lr} must be a finite learning rate >= 0 (0: train.lr / 3)")
+        if self.prune_method == "nm":
+            self.nm_pair()
 
     def nm_pair(self) -> tuple[int, int]:
         try:
             n, m = (int(x) for x in self.nm.split(":"))
         except ValueError:
             raise ConfigError(f"--nm {self.nm!r} must look like N:M, e.g. 2:4") from None
+        if not 0 < n < m:
+            raise ConfigError(f"N:M sparsity needs 0 < N < M, got {n}:{m}")
         return n, m
 
 
