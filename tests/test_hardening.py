@@ -237,7 +237,7 @@ def test_nccl_backend_without_cuda(tmp_path, corpus, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-def test_prepare_of_an_empty_input(tmp_path, capsys):
+def test_prepare_of_an_empty_input_and_bad_options(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("")
@@ -245,6 +245,14 @@ def test_prepare_of_an_empty_input(tmp_path, capsys):
     out = tmp_path / "shards"
     one_line(capsys, cli.main(["prepare", str(src), "--out", str(out)]), "file(s) are all empty")
     assert not out.exists()
+    (src / "a.txt").write_text("some text")
+    one_line(capsys, cli.main(["prepare", str(src), "--out", str(out), "--max-memory-mb", "nan"]),
+             "max_memory_mb = nan must be a positive number of MB")
+    one_line(capsys, cli.main(["prepare", str(src), "--out", str(out), "--tokenizer", "bpe:x"]),
+             "the BPE vocabulary size must be a whole number")
+    one_line(capsys, cli.main(["prepare", str(src), "--out", str(out), "--tokenizer", "bpe:5"]),
+             "BPE vocab size 5 must be between 300")
+    assert not out.exists()  # (refused before anything was written)
 
 
 def _resume(run: Path, corpus: Path, *extra: str) -> int:

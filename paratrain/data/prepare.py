@@ -30,6 +30,7 @@ from paratrain.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     Tokenizer,
+    check_bpe_vocab,
     special_ids,
 )
 from paratrain.fileio import write_json_atomic
@@ -41,16 +42,24 @@ Job = list[tuple[str, bool, bool]]  # (text, first piece of a document, last pie
 _worker: dict[str, Any] = {}  # per worker process: tokenizer, boundary ids, dtype
 
 
+def bpe_vocab_of(spec: str, bpe_vocab: int) -> int | None:
+    """The vocabulary a ``bpe`` / ``bpe:VOCAB`` spec trains (None for other kinds); checks the
+    spec's form, so a bad one is refused before anything is written."""
+    if spec in ("byte", "bpe") or spec.startswith("hf:"):
+        return bpe_vocab if spec == "bpe" else None
+    if not spec.startswith("bpe:"):
+        raise ConfigError(f"tokenizer {spec!r} is not 'byte', 'bpe', 'bpe:VOCAB' or 'hf:PATH'")
+    if not spec[4:].isdigit():
+        raise ConfigError(f"tokenizer {spec!r}: the BPE vocabulary size must be a whole number, e.g. bpe:8192")
+    return int(spec[4:])
+
+
 def resolve_tokenizer(spec: str, corpus: Corpus, chunk_chars: int, bpe_vocab: int = 8192) -> Tokenizer:
     """``byte`` | ``bpe`` | ``bpe:VOCAB`` (trained on ``corpus`` now, streamed) | ``hf:PATH``."""
-    if spec == "byte":
-        return ByteTokenizer()
-    if spec == "bpe" or spec.startswith("bpe:"):
-        vocab = int(spec[4:]) if spec.startswith("bpe:") and spec[4:].isdigit() else bpe_vocab
+    vocab = bpe_vocab_of(spec, bpe_vocab)
+    if vocab is not None:
         return BPETokenizer().train((text for text, _ in corpus.pieces(chunk_chars)), vocab)
-    if spec.startswith("hf:"):
-        return HFTokenizer.load(spec[3:])
-    raise ConfigError(f"tokenizer {spec!r} is not 'byte', 'bpe', 'bpe:VOCAB' or 'hf:PATH'")
+    return ByteTokenizer() if spec == "byte" else HFTokenizer.load(spec[3:])
 
 
 def _setup(tok: Tokenizer, boundary: str, dtype: np.dtype) -> None:
@@ -145,10 +154,13 @@ def prepare(
                           "give it some text")
     if shard_tokens < 1:
         raise ConfigError(f"shard_tokens = {shard_tokens} must be at least 1")
-    if max_memory_mb <= 0:
-        raise ConfigError(f"max_memory_mb = {max_memory_mb} must be positive")
+    if not 0 < max_memory_mb < float("inf"):  # (NaN fails this too)
+        raise ConfigError(f"max_memory_mb = {max_memory_mb} must be a positive number of MB")
     if boundary not in BOUNDARIES:
         raise ConfigError(f"boundary {boundary!r} is not one of {' | '.join(BOUNDARIES)}")
+    vocab = bpe_vocab_of(tokenizer, bpe_vocab)
+    if vocab is not None:
+        check_bpe_vocab(vocab)
     workers = max(1, int(workers))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

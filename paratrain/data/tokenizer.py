@@ -19,6 +19,12 @@ TOKENIZER_FILE = "tokenizer.json"
 MAX_VOCAB = 1 << 20  # ids above 65535 are stored as uint32
 
 
+def check_bpe_vocab(vocab_size: int) -> None:
+    """Refuse a BPE vocabulary size outside [300, MAX_VOCAB] (bytes + specials need 300)."""
+    if not 300 <= vocab_size <= MAX_VOCAB:
+        raise ConfigError(f"BPE vocab size {vocab_size} must be between 300 and {MAX_VOCAB}")
+
+
 class Tokenizer(Protocol):
     """What the rest of paratrain needs from a tokenizer."""
 
@@ -200,8 +206,7 @@ class BPETokenizer(HFTokenizer):
         from tokenizers import Tokenizer as RustTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
-        if not 300 <= vocab_size <= MAX_VOCAB:
-            raise ConfigError(f"BPE vocab size {vocab_size} must be between 300 and {MAX_VOCAB}")
+        check_bpe_vocab(vocab_size)
         tok = RustTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
