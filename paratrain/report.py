@@ -68,8 +68,6 @@ def staleness_counts(rows: list[dict[str, Any]], summary: dict[str, Any]) -> Cou
     if not sources:
         sources = [v for r in rows for k, v in r.items() if "stale" in k]
     for v in sources:
-        if isinstance(v, bool):
-            continue
         if _number(v):
             counts[v] += 1
         elif isinstance(v, list):

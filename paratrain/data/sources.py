@@ -98,7 +98,7 @@ def source_files(source: str) -> list[Path]:
     return list(open_corpus(source).files)
 
 
-JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+_JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
 
 
 def _no_field(where: str, field: str, have: Iterable[str]) -> ConfigError:
@@ -118,7 +118,7 @@ def _jsonl_texts(c: Corpus) -> Iterator[str]:
                     raise ConfigError(f"{path}:{lineno} is not valid JSON; each line must be one object") from None
                 if not isinstance(record, dict) or not isinstance(record.get(c.text_field), str):
                     if isinstance(record, dict) and record.get(c.text_field) is not None:
-                        kind = JSON_KINDS.get(type(record[c.text_field]), "not text")
+                        kind = _JSON_KINDS.get(type(record[c.text_field]), "not text")
                         raise ConfigError(f"{path}:{lineno}: text field '{c.text_field}' is {kind}, not a string")
                     keys = record.keys() if isinstance(record, dict) else ()
                     raise _no_field(f"{path}:{lineno}", c.text_field, keys)

@@ -111,9 +111,8 @@ def iter_tensors(d: Path) -> Named:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    t = f.get_tensor(name)
-                    yield name, t
-        except (SafetensorError, OSError) as e:  # (the reader's: errors of the caller never pass through here)
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
             raise ConfigError(f"{path} is not a readable safetensors file ({e}); copy it again") from None
 
 
