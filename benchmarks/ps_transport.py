@@ -12,10 +12,14 @@ time / median PS time over its round trips, robust to the scheduling spikes of a
 machine; ``ratio`` is the median over rounds.  ``--keys K`` splits the gradient over K
 parameters (a model's many tensors: what per-key costs add).  ``--bare`` adds a row ``bare``: the
 same servers (``none``) driven by a bare client that sends a prepared push and copies the
-reply's values out, nothing else -- how much of the gap is the worker's side.
+reply's values out, nothing else -- how much of the gap is the worker's side.  ``--cpu N``
+then runs N more round trips of each variant alone and adds ``cpu_us``: CPU microseconds per
+round trip of each role's threads (client / server Python thread, their ZeroMQ I/O threads,
+the rest; from /proc, Linux).  Under ``taskset -c 0`` everything shares one CPU and wall time is
+the sum of that work, without cross-CPU wake-ups.
 
     python benchmarks/ps_transport.py [--seconds 1] [--rounds 5] [--sizes 4096,1048576,41943040]
-                                      [--servers 1,2] [--modes none,mac] [--keys 1] [--bare]
+                                      [--servers 1,2] [--modes none,mac] [--keys 1] [--bare] [--cpu N]
 
 Prints one strict-JSON object; progress lines go to stderr.
 """
@@ -70,6 +74,33 @@ def interleaved(fns: dict[str, object], seconds: float, min_iters: int = 5) -> d
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def thread_cpu(pids: dict[int, str]) -> dict[str, float]:
+    """CPU seconds so far of the threads of ``pids`` ({pid: role}), summed per role and thread kind."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid, role in pids.items():
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            except OSError:  # (a thread that just ended)
+                continue
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            kind = "main" if int(tid) == pid else "zmq_io" if name.startswith("ZMQbg") else "other"
+            fields = stat[stat.rindex(")") + 2:].split()
+            out[f"{role}_{kind}"] = out.get(f"{role}_{kind}", 0.0) + (int(fields[11]) + int(fields[12])) / hz
+    return out
+
+
+def cpu_per_call(fn, n: int, pids: dict[int, str]) -> dict[str, float]:
+    """CPU microseconds per call of ``fn`` (run ``n`` times alone) of each role's threads."""
+    pids = {os.getpid(): "client", **pids}
+    before = thread_cpu(pids)
+    for _ in range(n):
+        fn()
+    after = thread_cpu(pids)
+    return {k: round(1e6 * (v - before.get(k, 0.0)) / n, 1) for k, v in sorted(after.items())}
+
+
 class Echo:
     """``n`` bare ROUTER echo processes and one DEALER to each (the transport's ceiling)."""
 
@@ -122,7 +153,7 @@ class PSJob:
         self.params = [torch.nn.Parameter(torch.randn(rows, cols)) for _ in range(keys)]
         self.grads = [torch.randn_like(p) * 1e-3 for p in self.params]
         self.servers = local_servers(cfg, n_workers=1)
-        self.servers.__enter__()
+        self.group = self.servers.__enter__()
         self.client = PSClient(os.environ[ENDPOINTS_ENV].split(","), os.environ[SECRET_ENV].encode(), 0,
                                max_bytes=256 << 20)
         layout = place([ParamInfo(f"w{i}", tuple(p.shape)) for i, p in enumerate(self.params)], n_servers)
@@ -176,7 +207,10 @@ def main() -> int:
     p.add_argument("--modes", default="none,mac")
     p.add_argument("--keys", type=int, default=1, help="split the gradient into this many parameters")
     p.add_argument("--bare", action="store_true", help="also time a bare client against the same servers")
+    p.add_argument("--cpu", type=int, default=0, metavar="N", help="also measure CPU per round trip over N of each")
     a = p.parse_args()
+    if a.cpu < 0:
+        p.error("--cpu N needs N >= 0")
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="ps-transport-") as tmp:
@@ -191,6 +225,11 @@ def main() -> int:
                             jobs["bare"] = PSJob(n_servers, nbytes, "none", Path(tmp), a.keys, tag="bare")
                             fns["bare"] = jobs["bare"].bare_round_trip
                         rounds = [interleaved(fns, a.seconds) for _ in range(a.rounds)]
+                        cpu = {}
+                        if a.cpu > 0:
+                            for k, fn in fns.items():
+                                procs = echo.procs if k == "echo" else jobs[k].group.procs
+                                cpu[k] = cpu_per_call(fn, a.cpu, {p.pid: "server" for p in procs})
                     finally:
                         for job in jobs.values():
                             job.close()
@@ -200,6 +239,8 @@ def main() -> int:
                         row = {"bytes": nbytes, "servers": n_servers, "keys": a.keys, "integrity": m,
                                "ratio": statistics.median(ratios), "ratios": ratios,
                                "ps_ms": 1000 * ps_s, "echo_ms": 1000 * echo_s, "ps_gb_s": 2 * nbytes / ps_s / 1e9}
+                        if cpu:
+                            row.update(cpu_us=cpu[m], echo_cpu_us=cpu["echo"])
                         rows.append(row)
                         print(json.dumps(row), file=sys.stderr, flush=True)
             finally:
