@@ -11,13 +11,20 @@ planner's GPU model?  Writes one JSON object (``--out``) and a markdown table (`
    the largest GPT: tokens/s, MFU (model FLOPs over the spec-sheet peak of the dtype in
    use, and over the bf16 peak), measured peak memory against the planner's prediction,
    and the step-time ratios the targets are about.  Runs in this process through the
-   trainer (``Trainer.train_step``), largest shapes first, in what is left of ``--budget-s``
-   (the whole script's, default 450 s); what does not fit is listed as skipped.  Llama
+   trainer (``Trainer.train_step``), the rows the targets need first (see ``run_order``),
+   in what is left of ``--budget-s`` (the whole script's, default 450 s); what does not fit
+   is listed as skipped.  Llama
    shapes need ``model.arch = "llama"``; where this checkout has no such arch they are
    skipped with a note.
 
     python benchmarks/gpu_check.py [--steps 20] [--budget-s 450] [--out FILE] [--md FILE]
     python benchmarks/gpu_check.py --cpu-smoke      # tiny shapes on the CPU: checks the script
+
+A GPU machine without network access gets the optional packages as wheels for its Python,
+fetched where there is network (``.wheels/`` is git-ignored: carry it)::
+
+    pip download torchao pyzmq --no-deps -d .wheels      # here
+    pip install --no-deps .wheels/*.whl && python benchmarks/gpu_check.py     # there
 
 Nothing here runs in CI (it needs a GPU); results are recorded in docs/benchmarks.md.
 """
@@ -208,16 +215,28 @@ def train_in_process(cfg: Config, steps: int, device: str) -> dict[str, Any]:
     return out
 
 
+def run_order(names: list[str], device: str) -> list[tuple[str, str]]:
+    """(shape, mode) rows in the order they run: first those the targets are read from (the
+    largest shape compiled, with float8 and -- on a GPU -- with full recompute, and the
+    350M-class GPT compiled), then their eager baselines, then the rest, largest shapes first;
+    so what the time budget cuts off is what is needed least."""
+    big, mid = names[0], next((n for n in names if n.startswith("gpt-350m")), names[-1])
+    first = [(big, "compile"), (big, "compile+float8")]
+    if device == "cuda":  # the recompute targets are GPU targets
+        first.append((big, "compile+ac_full"))
+    first += [(mid, "compile"), (big, "eager"), (mid, "eager")]
+    if device == "cuda":
+        first.append((big, "compile+ac_selective_op"))
+    rest = [(n, m) for n in names for m in ("eager", "compile", "compile+float8") if (n, m) not in first]
+    return list(dict.fromkeys(first)) + rest
+
+
 def throughput_matrix(shapes: dict[str, tuple], steps: int, budget_s: float, gpu_type: str,
                       device: str) -> list[dict[str, Any]]:
     """Every shape x mode that fits in ``budget_s`` (largest first); see the module docstring."""
     t_start = time.time()
     rows: list[dict[str, Any]] = []
-    plan = [(n, m) for n in shapes for m in ("eager", "compile", "compile+float8")]
-    if device == "cuda":  # the recompute targets are GPU targets
-        big = next(iter(shapes))
-        plan[3:3] = [(big, "compile+ac_full"), (big, "compile+ac_selective_op")]
-    for name, mode in plan:
+    for name, mode in run_order(list(shapes), device):
         row: dict[str, Any] = {"model": name, "mode": mode}
         rows.append(row)
         with tempfile.TemporaryDirectory() as tmp:

@@ -9,6 +9,7 @@ layouts share one set of worker processes (:func:`tests.test_model_parallel.run_
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from paratrain.config import ConfigError
+from paratrain.config import Config, ConfigError
 from paratrain.training.launch import launch
 from tests.conftest import tiny_config
 from tests.test_model_parallel import GPT, ROOT, assert_parity, losses, run_group, summary
@@ -109,6 +110,35 @@ def test_float8_is_refused_on_cpu(tmp_path, corpus):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert REFUSED in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_float8_swap_keeps_the_head_and_unaligned_layers_and_stays_close_to_fp32():
+    """torchao's swap as training applies it (the CPU check aside; torch's float8 matmul also runs
+    on the CPU): the block linears become Float8Linear in both recipes, the LM head and a layer
+    of unaligned size stay nn.Linear, and a float8 forward/backward is close to fp32 (not equal)."""
+    from paratrain.models import build_model
+    from paratrain.parallel.float8 import swap_linears_to_float8
+
+    cfg = Config.load(None, ["--model.n_layer=2"])
+    x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    for recipe in ("tensorwise", "rowwise"):
+        torch.manual_seed(0)
+        ref = build_model(cfg.model, 256, 0)
+        ref.odd = torch.nn.Linear(128, 40)  # 40 outputs: not a multiple of 16
+        model = copy.deepcopy(ref)
+        assert swap_linears_to_float8(model, recipe) == 12
+        assert type(model.lm_head) is torch.nn.Linear and type(model.odd) is torch.nn.Linear
+        assert all(type(m).__name__ == "Float8Linear" for n, m in model.named_modules()  # (not public in torchao)
+                   if n.startswith("layers.") and isinstance(m, torch.nn.Linear))
+        losses = []
+        for m in (ref, model):
+            loss = m(x).pow(2).mean()
+            loss.backward()
+            losses.append(loss.item())
+        g, g8 = (m.get_parameter("layers.0.ffn.fc1.weight").grad for m in (ref, model))
+        # close to fp32, and not equal to it: the matmuls really ran in float8
+        assert 0 < abs(losses[0] - losses[1]) < 0.01 * abs(losses[0]), (recipe, losses)
+        assert 1e-3 < (g8 - g).norm() / g.norm() < 0.15, recipe
 
 
 def test_fsdp_bf16_policy_gathers_bf16_and_reduces_fp32():
