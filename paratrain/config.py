@@ -182,7 +182,7 @@ class CheckpointConfig:
 
 @dataclass
 class DebugConfig:
-    """Fault and straggler injection for tests and demonstrations (-1: off)."""
+    """Fault and straggler injection and test switches, for tests and demonstrations (-1: off)."""
 
     delay_rank: int = -1  # this worker sleeps delay_ms every step (a straggler)
     delay_ms: float = 0.0  # the straggler's delay per step
@@ -192,6 +192,7 @@ class DebugConfig:
     kill_server_at_step: int = -1  # step at which kill_server dies
     hang_rank: int = -1  # this worker stops making progress at hang_at_step (watchdog test)
     hang_at_step: int = -1  # step at which hang_rank hangs
+    float8_on_cpu: bool = False  # let train.float8 run on the CPU (torch's float8 matmul, slow): to test the GPU path
 
 
 _SECTIONS: dict[str, type] = {

@@ -46,13 +46,15 @@ def apply_float8(model: nn.Module, cfg: Config, device: torch.device, fsdp: bool
     returns how many.  ``fsdp``: the model will be sharded with FSDP2 (float8 all-gather)."""
     if cfg.train.float8 == "none":
         return 0
-    check_float8_device(device)
+    if not cfg.debug.float8_on_cpu:
+        check_float8_device(device)
     return swap_linears_to_float8(model, cfg.train.float8, fsdp)
 
 
 def swap_linears_to_float8(model: nn.Module, recipe: str, fsdp: bool = False) -> int:
     """The swap of :func:`apply_float8` without its device check (torch's float8 matmul runs
-    on the CPU too, slowly: the tests use it there; training refuses the CPU)."""
+    on the CPU too, slowly: tests use it there; training refuses the CPU unless
+    ``debug.float8_on_cpu``)."""
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # optional: the gpu extra
     except ImportError as e:
