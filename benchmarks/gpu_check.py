@@ -18,7 +18,7 @@ planner's GPU model?  Writes one JSON object (``--out``) and a markdown table (`
    skipped with a note.
 
     python benchmarks/gpu_check.py [--steps 20] [--budget-s 450] [--out FILE] [--md FILE]
-    python benchmarks/gpu_check.py --cpu-smoke      # tiny shapes on the CPU: checks the script
+    python benchmarks/gpu_check.py --cpu-smoke      # tiny shapes on the CPU (float8 too): checks the script
 
 A GPU machine without network access gets the optional packages as wheels for its Python,
 fetched where there is network (``.wheels/`` is git-ignored: carry it)::
@@ -159,6 +159,7 @@ def shape_config(name: str, shape: tuple, mode: str, steps: int, run_dir: str, d
     data["parallel"].update(nproc=1, backend="nccl" if device == "cuda" else "gloo")
     data["checkpoint"].update(every=0, keep=0, resume=False, path="")
     data["run"].update(name=f"{name}-{mode}", dir=run_dir)
+    data["debug"].update(float8_on_cpu=device == "cpu")  # --cpu-smoke: the float8 rows on torch's CPU float8 matmul
     return Config.from_dict(data)
 
 
