@@ -46,7 +46,7 @@ def apply_float8(model: nn.Module, cfg: Config, device: torch.device, fsdp: bool
     returns how many.  ``fsdp``: the model will be sharded with FSDP2 (float8 all-gather)."""
     if cfg.train.float8 == "none":
         return 0
-    if not cfg.debug.float8_on_cpu:
+    if not (cfg.debug.float8_on_cpu and device.type == "cpu"):
         check_float8_device(device)
     return swap_linears_to_float8(model, cfg.train.float8, fsdp)
 
