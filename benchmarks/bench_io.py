@@ -1,4 +1,5 @@
-"""What every benchmark script shares: one strict JSON object on stdout, progress elsewhere."""
+"""What every benchmark script shares: one strict JSON object on stdout, progress elsewhere;
+CPU time from /proc."""
 
 from __future__ import annotations
 
@@ -31,3 +32,11 @@ def emit_json(out: dict[str, Any], path: str = "") -> None:
     if path:
         Path(path).write_text(text)
     print(text)
+
+
+def stat_cpu_s(stat_path: str) -> tuple[str, float]:
+    """(name, user + system CPU seconds so far) of the process or thread whose Linux
+    ``/proc/.../stat`` file is ``stat_path``."""
+    stat = Path(stat_path).read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return stat[stat.index("(") + 1:stat.rindex(")")], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

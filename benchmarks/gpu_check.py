@@ -13,9 +13,8 @@ planner's GPU model?  Writes one JSON object (``--out``) and a markdown table (`
    and the step-time ratios the targets are about.  Runs in this process through the
    trainer (``Trainer.train_step``), the rows the targets need first (see ``run_order``),
    in what is left of ``--budget-s`` (the whole script's, default 450 s); what does not fit
-   is listed as skipped.  Llama
-   shapes need ``model.arch = "llama"``; where this checkout has no such arch they are
-   skipped with a note.
+   is listed as skipped.  Llama shapes need ``model.arch = "llama"``; where this checkout
+   has no such arch they are skipped with a note.
 
     python benchmarks/gpu_check.py [--steps 20] [--budget-s 450] [--out FILE] [--md FILE]
     python benchmarks/gpu_check.py --cpu-smoke      # tiny shapes on the CPU (float8 too): checks the script
@@ -234,7 +233,7 @@ def run_order(names: list[str], device: str) -> list[tuple[str, str]]:
 
 def throughput_matrix(shapes: dict[str, tuple], steps: int, budget_s: float, gpu_type: str,
                       device: str) -> list[dict[str, Any]]:
-    """Every shape x mode that fits in ``budget_s`` (largest first); see the module docstring."""
+    """Every shape x mode that fits in ``budget_s``, in ``run_order``; see the module docstring."""
     t_start = time.time()
     rows: list[dict[str, Any]] = []
     for name, mode in run_order(list(shapes), device):

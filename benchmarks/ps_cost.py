@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_io import emit_json  # noqa: E402 - benchmarks/, next to this script
+from bench_io import emit_json, stat_cpu_s  # noqa: E402 - benchmarks/, next to this script
 
 from paratrain.config import Config  # noqa: E402
 from paratrain.planner.cost import PS_BYTE_S, PS_MSG_S, ps_exchange_time  # noqa: E402
@@ -49,8 +49,7 @@ INF_BW = float("inf")
 
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu_s(f"/proc/{pid}/stat")[1]
 
 
 def round_trip(n_servers: int, nbytes: int, seconds: float, root: Path) -> tuple[float, float]:
@@ -127,6 +126,8 @@ def main() -> int:
     torch.set_num_threads(1)
     sizes = [int(s) for s in a.sizes.split(",")]
     servers = [int(s) for s in a.servers.split(",")]
+    if len(set(sizes)) < 2 or 1 not in servers:  # (the fit: two sizes on one server at least)
+        p.error("the cost fit needs at least two --sizes and 1 in --servers")
     wall: dict[tuple[int, int], float] = {}
     cpu: dict[tuple[int, int], float] = {}
     with tempfile.TemporaryDirectory(prefix="ps-cost-") as tmp:

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ import torch
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_io import stat_cpu_s  # noqa: E402 - benchmarks/, next to this script
 
 from paratrain.config import Config  # noqa: E402
 from paratrain.ps.client import PSClient  # noqa: E402
@@ -76,22 +79,19 @@ def interleaved(fns: dict[str, object], seconds: float, min_iters: int = 5) -> d
 
 def thread_cpu(pids: dict[int, str]) -> dict[str, float]:
     """CPU seconds so far of the threads of ``pids`` ({pid: role}), summed per role and thread kind."""
-    hz = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for pid, role in pids.items():
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:
-                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                name, cpu = stat_cpu_s(f"/proc/{pid}/task/{tid}/stat")
             except OSError:  # (a thread that just ended)
                 continue
-            name = stat[stat.index("(") + 1:stat.rindex(")")]
             kind = "main" if int(tid) == pid else "zmq_io" if name.startswith("ZMQbg") else "other"
-            fields = stat[stat.rindex(")") + 2:].split()
-            out[f"{role}_{kind}"] = out.get(f"{role}_{kind}", 0.0) + (int(fields[11]) + int(fields[12])) / hz
+            out[f"{role}_{kind}"] = out.get(f"{role}_{kind}", 0.0) + cpu
     return out
 
 
-def cpu_per_call(fn, n: int, pids: dict[int, str]) -> dict[str, float]:
+def cpu_per_call(fn: Callable[[], None], n: int, pids: dict[int, str]) -> dict[str, float]:
     """CPU microseconds per call of ``fn`` (run ``n`` times alone) of each role's threads."""
     pids = {os.getpid(): "client", **pids}
     before = thread_cpu(pids)
