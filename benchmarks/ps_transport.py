@@ -12,14 +12,19 @@ time / median PS time over its round trips, robust to the scheduling spikes of a
 machine; ``ratio`` is the median over rounds.  ``--keys K`` splits the gradient over K
 parameters (a model's many tensors: what per-key costs add).  ``--bare`` adds a row ``bare``: the
 same servers (``none``) driven by a bare client that sends a prepared push and copies the
-reply's values out, nothing else -- how much of the gap is the worker's side.  ``--cpu N``
+reply's values out, nothing else -- how much of the gap is the worker's side.  ``--floor`` adds a
+row ``floor``: the least work any parameter server does, without a protocol -- bare ROUTER
+processes like the echo's that check the gradient share for NaN/inf (one read), apply it to
+their parameters (SGD, one pass) and send those back, the client copying each reply into a
+parameter buffer (one copy): the best ratio a Python PS doing that work can reach here.  ``--cpu N``
 then runs N more round trips of each variant alone and adds ``cpu_us``: CPU microseconds per
 round trip of each role's threads (client / server Python thread, their ZeroMQ I/O threads,
 the rest; from /proc, Linux).  Under ``taskset -c 0`` everything shares one CPU and wall time is
 the sum of that work, without cross-CPU wake-ups.
 
     python benchmarks/ps_transport.py [--seconds 1] [--rounds 5] [--sizes 4096,1048576,41943040]
-                                      [--servers 1,2] [--modes none,mac] [--keys 1] [--bare] [--cpu N]
+                                      [--servers 1,2] [--modes none,mac] [--keys 1] [--bare] [--floor]
+                                      [--cpu N]
 
 Prints one strict-JSON object; progress lines go to stderr.
 """
@@ -62,6 +67,23 @@ while True:
     r.send_multipart(r.recv_multipart(copy=False), copy=False)
 """
 
+FLOOR = """
+import math, zmq, torch
+torch.set_num_threads(1)
+ctx = zmq.Context(); r = ctx.socket(zmq.ROUTER); r.setsockopt(zmq.LINGER, 0)
+print(r.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+params = {}
+while True:
+    ident, frame = r.recv_multipart(copy=False)
+    g = torch.frombuffer(frame.buffer, dtype=torch.float32)
+    p = params.get(len(g))
+    if p is None:
+        p = params[len(g)] = torch.zeros(len(g))
+    if math.isfinite(float(g.sum())):
+        p.add_(g, alpha=-0.0)
+    r.send_multipart([ident, p.numpy()], copy=False)
+"""
+
 
 def interleaved(fns: dict[str, object], seconds: float, min_iters: int = 5) -> dict[str, float]:
     """Median seconds of one call of each of ``fns``, called in turn (after one warm-up round)."""
@@ -102,10 +124,11 @@ def cpu_per_call(fn: Callable[[], None], n: int, pids: dict[int, str]) -> dict[s
 
 
 class Echo:
-    """``n`` bare ROUTER echo processes and one DEALER to each (the transport's ceiling)."""
+    """``n`` bare ROUTER echo processes and one DEALER to each (the transport's ceiling); with
+    ``script=FLOOR``, the floor's minimal servers instead."""
 
-    def __init__(self, n: int):
-        self.procs = [subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+    def __init__(self, n: int, script: str = ECHO):
+        self.procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
                       for _ in range(n)]
         self.ctx = zmq.Context()
         self.socks = []
@@ -116,15 +139,19 @@ class Echo:
             s.connect(f"tcp://127.0.0.1:{int(p.stdout.readline())}")
             self.socks.append(s)
 
-    def round_trip(self, nbytes: int):
-        """One echo round trip of ``nbytes`` (split over the echo processes), as a callable."""
-        share = [torch.randn(max(1, nbytes // 4 // len(self.socks))).numpy() for _ in self.socks]
+    def round_trip(self, nbytes: int, land: bool = False):
+        """One echo round trip of ``nbytes`` (split over the echo processes), as a callable;
+        ``land``: each reply's values are copied into a buffer of their own."""
+        share = [torch.randn(max(1, nbytes // 4 // len(self.socks))).numpy() * 1e-3 for _ in self.socks]
+        dst = [np.empty_like(x) if land else None for x in share]
 
         def once() -> None:
             for s, payload in zip(self.socks, share, strict=True):
                 s.send(payload, copy=False)
-            for s in self.socks:
-                s.recv(copy=False)
+            for s, d in zip(self.socks, dst, strict=True):
+                reply = s.recv(copy=False)
+                if land:
+                    np.copyto(d, np.frombuffer(reply.buffer, np.float32))
 
         return once
 
@@ -207,6 +234,7 @@ def main() -> int:
     p.add_argument("--modes", default="none,mac")
     p.add_argument("--keys", type=int, default=1, help="split the gradient into this many parameters")
     p.add_argument("--bare", action="store_true", help="also time a bare client against the same servers")
+    p.add_argument("--floor", action="store_true", help="also time the least work of any PS (no protocol)")
     p.add_argument("--cpu", type=int, default=0, metavar="N", help="also measure CPU per round trip over N of each")
     a = p.parse_args()
     if a.cpu < 0:
@@ -216,6 +244,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ps-transport-") as tmp:
         for n_servers in [int(x) for x in a.servers.split(",")]:
             echo = Echo(n_servers)
+            floor = Echo(n_servers, FLOOR) if a.floor else None
             try:
                 for nbytes in [int(s) for s in a.sizes.split(",")]:
                     jobs = {m: PSJob(n_servers, nbytes, m, Path(tmp), a.keys) for m in a.modes.split(",")}
@@ -224,16 +253,19 @@ def main() -> int:
                         if a.bare:  # (its own job: the bare client must not share clocks with PSWorker's)
                             jobs["bare"] = PSJob(n_servers, nbytes, "none", Path(tmp), a.keys, tag="bare")
                             fns["bare"] = jobs["bare"].bare_round_trip
+                        if floor is not None:
+                            fns["floor"] = floor.round_trip(nbytes, land=True)
                         rounds = [interleaved(fns, a.seconds) for _ in range(a.rounds)]
                         cpu = {}
                         if a.cpu > 0:
                             for k, fn in fns.items():
-                                procs = echo.procs if k == "echo" else jobs[k].group.procs
+                                bare = {"echo": echo, "floor": floor}.get(k)  # (no PS behind these)
+                                procs = bare.procs if bare is not None else jobs[k].group.procs
                                 cpu[k] = cpu_per_call(fn, a.cpu, {p.pid: "server" for p in procs})
                     finally:
                         for job in jobs.values():
                             job.close()
-                    for m in jobs:
+                    for m in [*jobs, *(["floor"] if floor is not None else [])]:
                         ratios = [r["echo"] / r[m] for r in rounds]
                         ps_s, echo_s = (statistics.median(r[k] for r in rounds) for k in (m, "echo"))
                         row = {"bytes": nbytes, "servers": n_servers, "keys": a.keys, "integrity": m,
@@ -245,6 +277,8 @@ def main() -> int:
                         print(json.dumps(row), file=sys.stderr, flush=True)
             finally:
                 echo.close()
+                if floor is not None:
+                    floor.close()
     print(json.dumps({"rounds": a.rounds, "seconds": a.seconds, "results": rows}, indent=1, allow_nan=False))
     return 0
 
