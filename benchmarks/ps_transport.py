@@ -12,11 +12,12 @@ time / median PS time over its round trips, robust to the scheduling spikes of a
 machine; ``ratio`` is the median over rounds.  ``--keys K`` splits the gradient over K
 parameters (a model's many tensors: what per-key costs add).  ``--bare`` adds a row ``bare``: the
 same servers (``none``) driven by a bare client that sends a prepared push and copies the
-reply's values out, nothing else -- how much of the gap is the worker's side.  ``--floor`` adds a
-row ``floor``: the least work any parameter server does, without a protocol -- bare ROUTER
-processes like the echo's that check the gradient share for NaN/inf (one read), apply it to
-their parameters (SGD, one pass) and send those back, the client copying each reply into a
-parameter buffer (one copy): the best ratio a Python PS doing that work can reach here.  ``--cpu N``
+reply's values out, nothing else -- how much of the gap is the worker's side.  ``--floor`` adds two
+rows with the least work any parameter server does, without a protocol: bare ROUTER processes
+like the echo's that check the gradient share for NaN/inf (one read), apply it to their
+parameters (SGD, one pass) and send those back.  In ``floor`` the client copies each reply into
+a parameter buffer (one copy, like the one a worker whose model is on a GPU must make): the best ratio
+a Python PS doing that work can reach here; ``floor_nocopy`` leaves the copy out.  ``--cpu N``
 then runs N more round trips of each variant alone and adds ``cpu_us``: CPU microseconds per
 round trip of each role's threads (client / server Python thread, their ZeroMQ I/O threads,
 the rest; from /proc, Linux).  Under ``taskset -c 0`` everything shares one CPU and wall time is
@@ -244,7 +245,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ps-transport-") as tmp:
         for n_servers in [int(x) for x in a.servers.split(",")]:
             echo = Echo(n_servers)
-            floor = Echo(n_servers, FLOOR) if a.floor else None
+            # each floor row its own processes: a row timed right after another on the same
+            # processes would find them warm
+            floors = {k: Echo(n_servers, FLOOR) for k in ("floor", "floor_nocopy")} if a.floor else {}
             try:
                 for nbytes in [int(s) for s in a.sizes.split(",")]:
                     jobs = {m: PSJob(n_servers, nbytes, m, Path(tmp), a.keys) for m in a.modes.split(",")}
@@ -253,19 +256,18 @@ def main() -> int:
                         if a.bare:  # (its own job: the bare client must not share clocks with PSWorker's)
                             jobs["bare"] = PSJob(n_servers, nbytes, "none", Path(tmp), a.keys, tag="bare")
                             fns["bare"] = jobs["bare"].bare_round_trip
-                        if floor is not None:
-                            fns["floor"] = floor.round_trip(nbytes, land=True)
+                        fns.update({k: f.round_trip(nbytes, land=k == "floor") for k, f in floors.items()})
                         rounds = [interleaved(fns, a.seconds) for _ in range(a.rounds)]
                         cpu = {}
                         if a.cpu > 0:
                             for k, fn in fns.items():
-                                bare = {"echo": echo, "floor": floor}.get(k)  # (no PS behind these)
+                                bare = {"echo": echo, **floors}.get(k)  # (no PS behind these)
                                 procs = bare.procs if bare is not None else jobs[k].group.procs
                                 cpu[k] = cpu_per_call(fn, a.cpu, {p.pid: "server" for p in procs})
                     finally:
                         for job in jobs.values():
                             job.close()
-                    for m in [*jobs, *(["floor"] if floor is not None else [])]:
+                    for m in [*jobs, *floors]:
                         ratios = [r["echo"] / r[m] for r in rounds]
                         ps_s, echo_s = (statistics.median(r[k] for r in rounds) for k in (m, "echo"))
                         row = {"bytes": nbytes, "servers": n_servers, "keys": a.keys, "integrity": m,
@@ -277,8 +279,8 @@ def main() -> int:
                         print(json.dumps(row), file=sys.stderr, flush=True)
             finally:
                 echo.close()
-                if floor is not None:
-                    floor.close()
+                for f in floors.values():
+                    f.close()
     print(json.dumps({"rounds": a.rounds, "seconds": a.seconds, "results": rows}, indent=1, allow_nan=False))
     return 0
 
