@@ -261,8 +261,8 @@ def main() -> int:
                         cpu = {}
                         if a.cpu > 0:
                             for k, fn in fns.items():
-                                bare = {"echo": echo, **floors}.get(k)  # (no PS behind these)
-                                procs = bare.procs if bare is not None else jobs[k].group.procs
+                                no_ps = {"echo": echo, **floors}.get(k)  # rows without a PS job
+                                procs = no_ps.procs if no_ps is not None else jobs[k].group.procs
                                 cpu[k] = cpu_per_call(fn, a.cpu, {p.pid: "server" for p in procs})
                     finally:
                         for job in jobs.values():
